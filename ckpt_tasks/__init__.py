@@ -1,0 +1,16 @@
+"""ckpt_tasks: long trainings on HTCondor pools that survive eviction with nothing lost."""
+from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.errors import (CkptTasksError, JobAdError, StorageError, StorageUnavailable,
+                               VerificationError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpointer",
+    "CkptTasksError",
+    "JobAdError",
+    "StorageError",
+    "StorageUnavailable",
+    "VerificationError",
+    "__version__",
+]

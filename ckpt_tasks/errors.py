@@ -1,0 +1,31 @@
+"""The exceptions of ckpt_tasks.
+
+Storage errors are loud by design: "the server did not answer" must never be
+read as "there is no checkpoint" (see DESIGN.md, "Loud storage errors").
+"""
+from __future__ import annotations
+
+
+class CkptTasksError(Exception):
+    """Base class of every error raised by ckpt_tasks."""
+
+
+class StorageError(CkptTasksError):
+    """A storage operation failed; the message names the location and the cause."""
+
+    def __init__(self, message: str, location: str | None = None):
+        self.location = location
+        super().__init__(f"{message}" if location is None or location in message
+                         else f"{message} ({location})")
+
+
+class StorageUnavailable(StorageError):
+    """The storage did not answer (connection refused, timeout, server error)."""
+
+
+class VerificationError(StorageError):
+    """What the storage holds differs from what was written (size or adler32)."""
+
+
+class JobAdError(CkptTasksError):
+    """The HTCondor job ClassAd is missing or lacks a required attribute."""

@@ -1,0 +1,102 @@
+"""Local (or shared, mounted) directories with the same operations as XRootD storage."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.storage.checksum import adler32_of_file
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes a rename durable: without it a crash can forget the new directory entry.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalFileInterface:
+    """File operations on a local or mounted file system (the ``shared`` mode's storage)."""
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            # ENOENT is "absent"; a stale NFS handle or EACCES is not.
+            raise StorageUnavailable(f"cannot stat {path}: {error.strerror}", str(path)) from error
+        return True
+
+    def stat(self, path: str | os.PathLike) -> os.stat_result:
+        try:
+            return os.stat(path)
+        except OSError as error:
+            raise StorageError(f"cannot stat {path}: {error.strerror}", str(path)) from error
+
+    def listdir(self, path: str | os.PathLike) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except OSError as error:
+            raise StorageError(f"cannot list {path}: {error.strerror}", str(path)) from error
+
+    def mkdir_rec(self, path: str | os.PathLike) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create directory {path}: {error.strerror}", str(path)) from error
+
+    def remove(self, path: str | os.PathLike, silent: bool = True) -> bool:
+        try:
+            if Path(path).is_dir():
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            if silent:
+                return False
+            raise StorageError(f"cannot remove {path}: no such file or directory", str(path))
+        except OSError as error:
+            raise StorageError(f"cannot remove {path}: {error.strerror}", str(path)) from error
+        return True
+
+    def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None) -> None:
+        """Copy ``local`` to ``path`` durably; with ``adler32``, re-read and verify what was stored."""
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(local, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target, length=8 << 20)
+                target.flush()
+                os.fsync(target.fileno())
+        except OSError as error:
+            kind = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
+            raise StorageError(f"cannot write {path}: {kind}", str(path)) from error
+        if adler32 is not None:
+            stored = adler32_of_file(path)[1]
+            if stored != adler32:
+                raise VerificationError(
+                    f"adler32 of {path} is {stored:08x} after writing, expected {adler32:08x}", str(path))
+
+    def download(self, path: str | os.PathLike, local: str | os.PathLike) -> None:
+        try:
+            shutil.copyfile(path, local)
+        except OSError as error:
+            raise StorageError(f"cannot copy {path} to {local}: {error.strerror}", str(path)) from error
+
+    def checksum(self, path: str | os.PathLike) -> int:
+        try:
+            return adler32_of_file(path)[1]
+        except OSError as error:
+            raise StorageError(f"cannot read {path}: {error.strerror}", str(path)) from error
+
+    def rename(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        """Atomically replace ``dst`` with ``src`` (same file system)."""
+        try:
+            os.replace(src, dst)
+            _fsync_dir(Path(dst).parent)
+        except OSError as error:
+            raise StorageError(f"cannot rename {src} to {dst}: {error.strerror}", str(dst)) from error

@@ -1,0 +1,49 @@
+"""Shared fixtures: real servers on free loopback ports.
+
+A test that needs a server it cannot start is skipped on a developer machine,
+and fails under CI (CI=true), where every server must be available.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from xrootd_server import ServerUnavailable, XRootDServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI=true and a required server cannot start: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def xrootd_server():
+    """One XRootD server for the session; tests use their own sub-directories."""
+    try:
+        server = XRootDServer().start()
+    except ServerUnavailable as error:
+        unavailable(str(error))
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def make_xrootd_server():
+    """A factory of private servers, for tests that stop or break them."""
+    servers = []
+
+    def make(**kwargs) -> XRootDServer:
+        try:
+            server = XRootDServer(**kwargs).start()
+        except ServerUnavailable as error:
+            unavailable(str(error))
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.cleanup()

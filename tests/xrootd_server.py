@@ -1,0 +1,101 @@
+"""A real XRootD server (Debian's ``xrootd-server``) on a free loopback port, for tests.
+
+``xrootd`` refuses to run as root, so as root it runs as the ``xrootd`` user that
+the Debian package creates, in a directory that user owns.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServerUnavailable(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class XRootDServer:
+    """One xrootd process; ``url`` is ``root://127.0.0.1:PORT``, files live under ``data_dir``."""
+
+    def __init__(self, port: int | None = None):
+        if shutil.which("xrootd") is None:
+            raise ServerUnavailable("the xrootd binary is not installed (apt-get install xrootd-server)")
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="ckpt-xrootd-"))
+        self.data_dir = self.root / "data"
+        self.run_dir = self.root / "run"
+        self.log = self.root / "xrootd.log"
+        self.user = "xrootd" if os.geteuid() == 0 else None
+        self.process: subprocess.Popen | None = None
+        for directory in (self.data_dir, self.run_dir):
+            directory.mkdir()
+        self.root.chmod(0o755)
+        if self.user:
+            ids = pwd.getpwnam(self.user)
+            for path in (self.root, self.data_dir, self.run_dir):
+                os.chown(path, ids.pw_uid, ids.pw_gid)
+        self.config = self.root / "xrootd.cfg"
+        self.config.write_text(
+            "all.export /\n"
+            f"oss.localroot {self.data_dir}\n"
+            f"xrd.port {self.port}\n"
+            f"all.adminpath {self.run_dir}\n"
+            f"all.pidpath {self.run_dir}\n"
+            "xrootd.chksum adler32\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"root://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "XRootDServer":
+        command = ["xrootd", "-c", str(self.config), "-l", str(self.log), "-n", f"ckpt{self.port}"]
+        kwargs = {"user": self.user, "group": self.user} if self.user else {}
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True, **kwargs)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"xrootd exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise ServerUnavailable(f"xrootd did not listen on port {self.port} within {timeout} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
