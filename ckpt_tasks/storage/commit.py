@@ -57,6 +57,14 @@ def temporary_name(dest: str | os.PathLike) -> str:
     return f"{directory}/{partial}" if directory or str(dest).startswith("/") else partial
 
 
+def _remove_quietly(files: FileInterface, temporary: str) -> None:
+    # Interrupted or failed: the destination is untouched; tidy up if the storage lets us.
+    try:
+        files.remove(temporary, silent=True)
+    except StorageError as cleanup_error:
+        logger.warning("could not remove temporary file %s: %s", temporary, cleanup_error)
+
+
 def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike) -> PublishedFile:
     """Publish ``local`` at ``dest`` on ``files``, complete or not at all."""
     local = Path(local)
@@ -69,12 +77,11 @@ def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.
             raise VerificationError(
                 f"{temporary} holds {stored_size} bytes after upload, expected {size}", str(dest))
         files.rename(temporary, dest)
+    except StorageError as error:
+        _remove_quietly(files, temporary)
+        raise type(error)(f"publishing {local} to {dest} failed: {error}", str(dest)) from error
     except BaseException:
-        # Interrupted or failed: the destination is untouched; tidy up if the storage lets us.
-        try:
-            files.remove(temporary, silent=True)
-        except StorageError as cleanup_error:
-            logger.warning("could not remove temporary file %s: %s", temporary, cleanup_error)
+        _remove_quietly(files, temporary)
         raise
     logger.debug("published %s (%d bytes, adler32 %08x)", dest, size, adler32)
     return PublishedFile(str(dest), size, adler32)

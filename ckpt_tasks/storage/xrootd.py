@@ -30,7 +30,9 @@ _CLIENT_DEFAULTS = {
     "ConnectionWindow": ("XRD_CONNECTIONWINDOW", 10),
     "ConnectionRetry": ("XRD_CONNECTIONRETRY", 2),
     "RequestTimeout": ("XRD_REQUESTTIMEOUT", 60),
-    "StreamErrorWindow": ("XRD_STREAMERRORWINDOW", 30),
+    # After a failure the client refuses a server for this long; short, so a
+    # restarted server is usable again within seconds.
+    "StreamErrorWindow": ("XRD_STREAMERRORWINDOW", 3),
     "TimeoutResolution": ("XRD_TIMEOUTRESOLUTION", 1),
 }
 
@@ -249,7 +251,8 @@ class XRootDFileInterface(RemoteFileInterface):
     def _copy(self, src: str, dst: str, adler32: int | None = None, mkdir: bool = False) -> None:
         client = _client()
         process = client.CopyProcess()
-        options = dict(force=True, mkdir=mkdir)
+        # inittimeout bounds connecting and opening (the default is 600 s).
+        options = dict(force=True, mkdir=mkdir, inittimeout=self.timeout)
         if adler32 is not None:
             # The server computes the checksum of what it stored and compares it with ours.
             options.update(checksummode="target", checksumtype="adler32",
