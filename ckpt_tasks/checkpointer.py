@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -79,7 +80,13 @@ class Checkpointer:
         on_SIGTERM_prehook: called as ``prehook(**on_SIGTERM_prehook_kwargs)`` before
             the last checkpoint on SIGTERM or SIGINT.
         on_SIGTERM_prehook_kwargs: keyword arguments for the prehook.
+        checkpoint_interval: also write and transfer in ``step`` when this many seconds
+            passed since the last checkpoint (not in the seed; None: only ``checkpoint_every``).
     """
+
+    #: True: a signal is honoured only at the end of the next ``step`` (for values that
+    #: change between steps, like a live model); False: at once when no checkpoint work runs.
+    defer_signals = False
 
     def __init__(
         self,
@@ -95,6 +102,8 @@ class Checkpointer:
         checkpoint_exit_code: int = 85,
         on_SIGTERM_prehook: Callable[..., Any] | None = None,
         on_SIGTERM_prehook_kwargs: dict | None = None,
+        *,
+        checkpoint_interval: float | None = None,
     ):
         if not isinstance(local_checkpoint_file, (str, os.PathLike)) or not os.fspath(local_checkpoint_file):
             raise TypeError(f"local_checkpoint_file must be a non-empty str or Path, got {local_checkpoint_file!r}")
@@ -124,6 +133,11 @@ class Checkpointer:
                 or not 0 < checkpoint_exit_code < 256:
             raise ValueError(f"checkpoint_exit_code must be an integer in 1..255, got {checkpoint_exit_code!r}")
         self.checkpoint_exit_code = checkpoint_exit_code
+        if checkpoint_interval is not None and not (isinstance(checkpoint_interval, (int, float))
+                                                    and checkpoint_interval > 0):
+            raise ValueError(f"checkpoint_interval must be None or seconds > 0, got {checkpoint_interval!r}")
+        self.checkpoint_interval = checkpoint_interval
+        self._last_checkpoint_time = time.monotonic()
 
         if on_SIGTERM_prehook is not None:
             _require_callable("on_SIGTERM_prehook", on_SIGTERM_prehook)
@@ -204,13 +218,21 @@ class Checkpointer:
     # -- the seed's API -----------------------------------------------------------------------
 
     def step(self, value: Any) -> None:
-        """Store ``value``; on calls 1, N+1, 2N+1, ... also write and transfer the checkpoint."""
+        """Store ``value``; on calls 1, N+1, 2N+1, ... (and every ``checkpoint_interval``
+        seconds) also write and transfer the checkpoint."""
         with self._critical():
             self.checkpoint_value = value
-            if self.step_counter % self.checkpoint_every == 0:
+            if self._checkpoint_due():
                 self._write_local(value)
                 self.transfer_checkpoint_files()
+                self._last_checkpoint_time = time.monotonic()
             self.step_counter += 1
+
+    def _checkpoint_due(self) -> bool:
+        if self.step_counter % self.checkpoint_every == 0:
+            return True
+        return (self.checkpoint_interval is not None
+                and time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval)
 
     def checkpoint(self, value: Any = None) -> None:
         """Write the local checkpoint file for ``value`` (default: the stored value); no transfer."""
@@ -263,18 +285,26 @@ class Checkpointer:
             self._exit_without_value(signum)
         try:
             self._busy += 1  # a second signal now must not start another save
-            self._write_local(self.checkpoint_value)
-            self.transfer.store(self.local_checkpoint_file)
+            if self._final_write_needed():
+                self._write_local(self.checkpoint_value)
+                self.transfer.store(self.local_checkpoint_file)
         except Exception as error:
             logger.error("the last checkpoint after %s could not be saved: %s",
                          signal.Signals(signum).name, error)
-            sys.exit(EXIT_CHECKPOINT_FAILED)
+            self._exit(EXIT_CHECKPOINT_FAILED)
         self.clean_up_local_checkpoint_files()
         logger.info("checkpoint saved after %s; exiting with code %d",
                     signal.Signals(signum).name, self.checkpoint_exit_code)
-        sys.exit(self.checkpoint_exit_code)
+        self._exit(self.checkpoint_exit_code)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _final_write_needed(self) -> bool:
+        """Whether the stop must write the stored value (subclasses skip a duplicate)."""
+        return True
+
+    def _exit(self, code: int) -> None:
+        sys.exit(code)
 
     def _exit_without_value(self, signum: int) -> None:
         if isinstance(self.transfer, transfer.HTCondorSpool) and not self.local_checkpoint_file.exists():
@@ -282,10 +312,10 @@ class Checkpointer:
             logger.warning("%s before any value was stored and no checkpoint file exists; "
                            "exiting with %d so HTCondor does not look for a checkpoint",
                            signal.Signals(signum).name, 128 + signum)
-            sys.exit(128 + signum)
+            self._exit(128 + signum)
         logger.warning("%s before any value was stored: nothing to checkpoint, the storage keeps "
                        "what it has", signal.Signals(signum).name)
-        sys.exit(self.checkpoint_exit_code)
+        self._exit(self.checkpoint_exit_code)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -293,7 +323,7 @@ class Checkpointer:
             logger.warning("%s received while the last checkpoint is being saved; finishing it first", name)
             return
         self._stop_signal = signum
-        if self._busy:
+        if self._busy or self.defer_signals:
             logger.info("%s received during a checkpoint; stopping once it is complete", name)
             return
         self.on_SIGTERM(signum, frame)

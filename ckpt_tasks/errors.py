@@ -29,3 +29,7 @@ class VerificationError(StorageError):
 
 class JobAdError(CkptTasksError):
     """The HTCondor job ClassAd is missing or lacks a required attribute."""
+
+
+class FingerprintMismatch(CkptTasksError):
+    """A checkpoint was made by a training with other parameters."""

@@ -121,3 +121,66 @@ class ManualCallback:
             logger.info("no checkpoint at %s (%s)", self.target, error)
             return False
         return local.exists()
+
+
+class StoreTransfer:
+    """Transfer into a ``CheckpointStore``: versioned, verified, with retention.
+
+    ``step_of()`` gives the training step of the file being stored. ``params``
+    are the parameters of the training the checkpoints belong to: they go into
+    every manifest, and a checkpoint made with other parameters is refused.
+    """
+
+    removes_local_copy = True
+
+    def __init__(self, checkpoints, step_of: Callable[[], int], params: dict[str, Any],
+                 metadata_of: Callable[[], dict] | None = None):
+        self.checkpoints = checkpoints  # the CheckpointStore
+        self.step_of = step_of
+        self.params = params
+        self.metadata_of = metadata_of or dict
+        self.fingerprint = parameter_fingerprint(params)
+        self.last_committed_step: int | None = None
+        self.restored = None  # the Checkpoint restored, if any
+
+    def store(self, local: Path) -> None:
+        step = self.step_of()
+        metadata = {**self.metadata_of(), "params": self.params, "fingerprint": self.fingerprint}
+        self.checkpoints.save(local, step, metadata)
+        self.last_committed_step = step
+
+    def retrieve(self, local: Path) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        check_fingerprint(latest, self.params, self.fingerprint, self.checkpoints.location)
+        self.restored = self.checkpoints.restore(local)
+        if self.restored is not None and self.restored is not latest:
+            check_fingerprint(self.restored, self.params, self.fingerprint, self.checkpoints.location)
+        self.last_committed_step = self.restored.step if self.restored else None
+        return self.restored is not None
+
+
+def parameter_fingerprint(params: dict[str, Any]) -> str:
+    """A short, stable hash of a training's parameters."""
+    import hashlib
+    import json
+
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_fingerprint(checkpoint, params: dict[str, Any], fingerprint: str, location: str) -> None:
+    """Refuse a checkpoint of another training, naming the parameters that differ."""
+    recorded = checkpoint.metadata.get("fingerprint")
+    if recorded == fingerprint:
+        return
+    from ckpt_tasks.errors import FingerprintMismatch
+
+    theirs = checkpoint.metadata.get("params") or {}
+    differences = [f"{name}: checkpoint {theirs.get(name, '<unset>')!r}, task {params.get(name, '<unset>')!r}"
+                   for name in sorted(set(theirs) | set(params)) if theirs.get(name) != params.get(name)]
+    detail = "; ".join(differences) or f"fingerprint {recorded!r} != {fingerprint!r}"
+    raise FingerprintMismatch(
+        f"the checkpoint of step {checkpoint.step} at {location} belongs to a training with other "
+        f"parameters ({detail}); remove that location or run with --store elsewhere")

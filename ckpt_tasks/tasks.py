@@ -1,0 +1,223 @@
+"""CheckpointedTask: a law task whose training resumes from its newest remote checkpoint.
+
+A subclass says how to build its training state, how to train and what to write
+at the end; the base class does the rest::
+
+    class MyTraining(CheckpointedTask):
+        def create_state(self):
+            model = Net(); optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            return TrainingState(model=model, optimizer=optimizer)
+
+        def train(self, state, session):
+            while state.epoch < 10:
+                for batch in batches(state.epoch, start=state.batch):
+                    ...                         # forward, backward, optimizer.step()
+                    state.batch += 1; state.step += 1
+                    session.step(loss=loss.item())   # may checkpoint, or stop here on SIGTERM
+                state.epoch += 1; state.batch = 0
+
+        def finish(self, state):
+            torch.save(state.objects["model"].state_dict(), self.output()["model"].path)
+
+``run()`` opens the branch's CheckpointStore, restores the newest verified
+checkpoint (refusing one made with other parameters), trains, checkpoints every
+``--checkpoint-every`` steps and ``--checkpoint-interval`` seconds, commits a last
+checkpoint and exits with code 85 on SIGTERM or SIGINT, and calls ``finish`` only
+when training is over, so the task is complete only then.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import law
+import luigi
+
+from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.state import TrainingState
+from ckpt_tasks.storage.store import CheckpointStore
+from ckpt_tasks.storage.targets import checkpoints_target
+from ckpt_tasks.transfer import StoreTransfer, parameter_fingerprint
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_EXIT_CODE = 85
+DEFAULT_STORE = "$CKPT_TASKS_DATA/checkpoints"
+
+
+class TaskCheckpointer(Checkpointer):
+    """The Checkpointer of a CheckpointedTask: commits into a CheckpointStore.
+
+    It stops only at the end of a training step (the state is a live model, which
+    is inconsistent in the middle of one), skips a final write of a step already
+    committed, and leaves the process with ``os._exit``: luigi catches SystemExit
+    and would report a failure instead of exit code 85.
+    """
+
+    defer_signals = True
+
+    def __init__(self, local_file: Path, state: TrainingState, store_transfer: StoreTransfer, **kwargs):
+        self._store_transfer = store_transfer
+        self._state = state
+        super().__init__(local_file, lambda path, value: value.save(path),
+                         lambda path: state.load(path) or state, **kwargs)
+
+    def _make_transfer(self):
+        return self._store_transfer
+
+    def _final_write_needed(self) -> bool:
+        return self._store_transfer.last_committed_step != self._state.step
+
+    def _exit(self, code: int) -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class TrainingSession:
+    """What ``CheckpointedTask.train`` talks to: ``step()`` after every optimizer step."""
+
+    def __init__(self, task: "CheckpointedTask", state: TrainingState, checkpointer: TaskCheckpointer,
+                 total_steps: int | None):
+        self.task = task
+        self.state = state
+        self.checkpointer = checkpointer
+        self.total_steps = total_steps
+        self._bar = None
+
+    def step(self, **metrics: float) -> None:
+        """Record metrics, checkpoint when due, and stop here (exit 85) when a signal asked for it.
+
+        Call it after updating ``state.step``/``epoch``/``batch`` to where training continues.
+        """
+        if metrics:
+            self.state.record(**metrics)
+        self.checkpointer.step(self.state)
+        self._show_progress(metrics)
+
+    def _show_progress(self, metrics: dict[str, float]) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=self.state.step - 1, unit="step",
+                             desc=self.task.task_family, disable=not sys.stderr.isatty(), leave=False)
+        self._bar.update(1)
+        if metrics:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        if self.total_steps:
+            self.task.publish_progress(100.0 * self.state.step / self.total_steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class CheckpointedTask(law.Task):
+    """Base class of a training that survives eviction; see the module docstring."""
+
+    store = luigi.Parameter(default="", significant=False,
+                            description="where checkpoints go: a path, file:// or root://host:port//path; "
+                                        "default: [ckpt_tasks] store in law.cfg")
+    checkpoint_every = luigi.IntParameter(default=100, significant=False,
+                                          description="checkpoint every N training steps; default: 100")
+    checkpoint_interval = luigi.FloatParameter(default=600.0, significant=False,
+                                               description="also checkpoint after this many seconds; "
+                                                           "0 disables; default: 600")
+    keep_last = luigi.IntParameter(default=3, significant=False,
+                                   description="checkpoints to keep; default: 3")
+
+    #: parameters a resumed training may change (e.g. the number of epochs, to train longer)
+    fingerprint_exclude: tuple[str, ...] = ()
+
+    exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "keep_last"}
+
+    # -- what a subclass implements ------------------------------------------------------------
+
+    def create_state(self) -> TrainingState:
+        """A fresh TrainingState (model, optimizer, ...) as at the start of training."""
+        raise NotImplementedError
+
+    def train(self, state: TrainingState, session: TrainingSession) -> None:
+        """Train from ``state``'s position to the end, calling ``session.step()`` after each step."""
+        raise NotImplementedError
+
+    def finish(self, state: TrainingState) -> None:
+        """Write the final outputs; called once, after ``train`` returned."""
+        raise NotImplementedError
+
+    def total_steps(self) -> int | None:
+        """Number of training steps in all, for progress; None when unknown."""
+        return None
+
+    # -- where checkpoints live ------------------------------------------------------------------
+
+    def checkpoint_params(self) -> dict[str, Any]:
+        """The parameters that define this training (recorded in every manifest)."""
+        # law's own workflow parameters (branch, workflow type, ...) say how a task runs,
+        # not what it trains; the branch's own data is added below.
+        law_params = {name for name, _ in law.BaseWorkflow.get_params()}
+        params = {name: self._param_value(name) for name, param in self.get_params()
+                  if param.significant and name not in law_params and name not in self.fingerprint_exclude}
+        if isinstance(self, law.BaseWorkflow) and self.is_branch():
+            params["branch_data"] = self.branch_data
+        return params
+
+    def _param_value(self, name: str) -> Any:
+        value = getattr(self, name)
+        return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+    def checkpoint_root(self) -> str:
+        configured = self.store or law.config.get_expanded("ckpt_tasks", "store", default=DEFAULT_STORE)
+        return os.path.expandvars(str(configured)).rstrip("/")
+
+    def checkpoint_location(self) -> str:
+        """``<store>/<task family>/<parameter fingerprint>/branch-<N>``."""
+        location_params = self.checkpoint_params()
+        location_params.pop("branch_data", None)  # the branch number stands for it in the path
+        fingerprint = parameter_fingerprint(location_params)
+        branch = getattr(self, "branch", -1)
+        leaf = f"branch-{branch}" if branch is not None and branch >= 0 else "main"
+        return f"{self.checkpoint_root()}/{self.task_family}/{fingerprint}/{leaf}"
+
+    def checkpoint_store(self) -> CheckpointStore:
+        return CheckpointStore(self.checkpoint_location(), keep_last=self.keep_last)
+
+    def checkpoint_target(self):
+        """The checkpoint location as an optional law target: it never makes the task complete."""
+        return checkpoints_target(self.checkpoint_location(), total_steps=self.total_steps())
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def run(self):
+        state = self.create_state()
+        store = self.checkpoint_store()
+        transfer = StoreTransfer(store, step_of=lambda: state.step, params=self.checkpoint_params(),
+                                 metadata_of=lambda: {"epoch": state.epoch, "batch": state.batch})
+        workdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=os.environ.get("_CONDOR_SCRATCH_DIR")))
+        checkpointer = TaskCheckpointer(
+            workdir / "state.pt", state, transfer,
+            checkpoint_every=self.checkpoint_every,
+            checkpoint_interval=self.checkpoint_interval or None,
+            checkpoint_exit_code=CHECKPOINT_EXIT_CODE,
+        )
+        session = TrainingSession(self, state, checkpointer, self.total_steps())
+        try:
+            checkpointer.restore(state)
+            if transfer.restored is not None:
+                self.publish_message(f"resuming from step {state.step} "
+                                     f"(epoch {state.epoch}, batch {state.batch}) of {store.location}")
+            else:
+                self.publish_message(f"no checkpoint at {store.location}; starting from scratch")
+            self.train(state, session)
+            session.close()
+            self.finish(state)
+            self.publish_message(f"training complete after {state.step} steps")
+        finally:
+            checkpointer.close()
+            shutil.rmtree(workdir, ignore_errors=True)
