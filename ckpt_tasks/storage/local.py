@@ -87,6 +87,15 @@ class LocalFileInterface:
         except OSError as error:
             raise StorageError(f"cannot copy {path} to {local}: {error.strerror}", str(path)) from error
 
+    def read_bytes(self, path: str | os.PathLike) -> bytes:
+        """The whole content of a small file (manifests, pointers); FileNotFoundError when absent."""
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise StorageError(f"cannot read {path}: {error.strerror}", str(path)) from error
+
     def checksum(self, path: str | os.PathLike) -> int:
         try:
             return adler32_of_file(path)[1]

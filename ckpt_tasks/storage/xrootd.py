@@ -22,6 +22,10 @@ from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 
 # kXR_NotFound: the only answer that means "this path does not exist".
 _XRD_NOT_FOUND = 3011
+# Answers that a retry cannot change (kXR_NoSpace, kXR_NotAuthorized, kXR_NotFile,
+# kXR_isDirectory, kXR_overQuota, kXR_fsReadOnly): raised as StorageError, which
+# RetryPolicy does not retry, instead of StorageUnavailable.
+_XRD_PERMANENT = {3009, 3010, 3015, 3016, 3021, 3025}
 
 # The client's defaults wait minutes before giving up on a dead server
 # (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
@@ -89,7 +93,8 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @staticmethod
     def _fail(status, what: str, url) -> StorageError:
-        return StorageUnavailable(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
+        error = StorageError if status.errno in _XRD_PERMANENT else StorageUnavailable
+        return error(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
 
     def _stat_url(self, url: XRootDURL):
         status, info = self._fs(url).stat(url.path, timeout=self.timeout)
@@ -225,6 +230,25 @@ class XRootDFileInterface(RemoteFileInterface):
         url = self.resolve(path, base)
         self._copy(url.url, str(Path(local).absolute()))
 
+    def read_bytes(self, path: str, base: str | None = None) -> bytes:
+        """The whole content of a small file (manifests, pointers)."""
+        from XRootD.client.flags import OpenFlags
+
+        url = self.resolve(path, base)
+        handle = _client().File()
+        status, _ = handle.open(url.url, OpenFlags.READ, timeout=self.timeout)
+        if not status.ok:
+            if status.errno == _XRD_NOT_FOUND:
+                raise FileNotFoundError(f"no such file: {url}")
+            raise self._fail(status, "open", url)
+        try:
+            status, data = handle.read(timeout=self.timeout)
+            if not status.ok:
+                raise self._fail(status, "read", url)
+            return data
+        finally:
+            handle.close(timeout=self.timeout)
+
     def checksum(self, path: str, base: str | None = None) -> int:
         """The server's adler32 of ``path``."""
         from XRootD.client.flags import QueryCode
@@ -265,6 +289,11 @@ class XRootDFileInterface(RemoteFileInterface):
                 status = results[0]["status"]
         if not status.ok:
             message = status.message.strip()
-            error = VerificationError if "checksum" in message.lower() else StorageUnavailable
+            if status.errno in _XRD_PERMANENT:
+                error = StorageError
+            elif "checksum" in message.lower():
+                error = VerificationError
+            else:
+                error = StorageUnavailable
             remote = dst if dst.startswith("root") else src
             raise error(f"XRootD copy {src} -> {dst} failed: {message}", remote)

@@ -1,0 +1,316 @@
+"""CheckpointStore: versioned, verified checkpoints in one storage location.
+
+Layout of a location (a local directory or ``root://host:port//path``)::
+
+    step-000000000120-1a2b3c4d.ckpt    the checkpoint, immutable once renamed into place
+    step-000000000120-1a2b3c4d.json    its manifest: step, size, adler32, created, metadata
+    LATEST                             pointer to the newest manifest
+
+Commit protocol of ``save`` (DESIGN.md, "Complete or absent"): publish the data
+(temporary name, size and adler32 checked, rename), then publish the manifest
+the same way, and only then move ``LATEST``. A checkpoint without a manifest
+does not exist for readers. Each writer adds a random tag to the names, so two
+writers (a duplicate job) never overwrite each other's files; readers take the
+highest committed step, whatever ``LATEST`` says, so a race between two writers
+cannot move resumption backwards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.storage.checksum import adler32_of_file
+from ckpt_tasks.storage.commit import PARTIAL_MARKER, publish_file, temporary_name
+from ckpt_tasks.storage.local import LocalFileInterface
+from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
+from ckpt_tasks.storage.xrootd import XRootDFileInterface
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LATEST = "LATEST"
+MANIFEST_VERSION = 1
+_NAME_RE = re.compile(r"^step-(?P<step>\d{12})-(?P<tag>[0-9a-f]{8})\.json$")
+#: temporary files older than this belong to dead writers and are removed by retention
+STALE_PARTIAL_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One committed checkpoint, as its manifest describes it."""
+
+    step: int
+    name: str  # file name of the data, e.g. "step-000000000120-1a2b3c4d.ckpt"
+    size: int
+    adler32: str  # 8 hex digits, as XRootD prints it
+    created: str  # ISO 8601, UTC
+    path: str  # full path or URL of the data file
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def manifest_name(self) -> str:
+        return self.name.rsplit(".", 1)[0] + ".json"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry transient storage errors with exponential backoff until ``deadline`` seconds passed."""
+
+    deadline: float = 120.0
+    initial_delay: float = 1.0
+    max_delay: float = 15.0
+
+    def run(self, operation: Callable[[], T], what: str) -> T:
+        start, delay = time.monotonic(), self.initial_delay
+        while True:
+            try:
+                return operation()
+            except (StorageUnavailable, VerificationError) as error:
+                remaining = self.deadline - (time.monotonic() - start)
+                if remaining <= 0:
+                    raise
+                wait = min(delay * random.uniform(0.8, 1.2), self.max_delay, remaining)
+                logger.warning("%s failed (%s); retrying in %.1f s", what, error, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, self.max_delay)
+
+
+class CheckpointStore:
+    """Versioned checkpoints at ``location``, with verification and retention.
+
+    Args:
+        location: a local path, ``file:///path`` or ``root://host[:port]//path``.
+        keep_last: how many of the newest checkpoints retention keeps.
+        keep_every: also keep every checkpoint whose step is a multiple of this.
+        retry: how long transient storage errors are retried.
+    """
+
+    def __init__(self, location: str | os.PathLike, keep_last: int = 3, keep_every: int | None = None,
+                 retry: RetryPolicy | None = None):
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+        if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
+            raise ValueError(f"keep_every must be None or an integer >= 1, got {keep_every!r}")
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.retry = retry or RetryPolicy()
+        location = os.fspath(location)
+        if is_xrootd_url(location):
+            url = parse_xrootd_url(location)
+            # A single call must not outlast the retry deadline (the client's default is 30 s).
+            self.files = XRootDFileInterface(url.server, timeout=max(1, min(30, math.ceil(self.retry.deadline))))
+            self.root = url.url
+        else:
+            self.files = LocalFileInterface()
+            self.root = str(local_path_from(location).absolute())
+        self.location = self.root
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.root!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, step: int, metadata: dict[str, Any] | None = None) -> Checkpoint:
+        """Commit the local file ``path`` as the checkpoint of ``step``; return what was committed."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file to save at {path}")
+        stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
+        size, adler32 = adler32_of_file(path)
+        checkpoint = Checkpoint(
+            step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
+            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            path=self._path(f"{stem}.ckpt"), metadata=dict(metadata or {}))
+        self.retry.run(lambda: self.files.mkdir_rec(self.root), f"creating {self.root}")
+        self.retry.run(lambda: publish_file(self.files, path, checkpoint.path), f"uploading {checkpoint.path}")
+        manifest = {"version": MANIFEST_VERSION, **checkpoint.to_json()}
+        self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
+        self._advance_latest(checkpoint)
+        logger.info("committed checkpoint of step %d to %s (%d bytes)", step, checkpoint.path, size)
+        self.apply_retention()
+        return checkpoint
+
+    def _publish_text(self, name: str, text: str) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            handle.write(text)
+        try:
+            self.retry.run(lambda: publish_file(self.files, handle.name, self._path(name)),
+                           f"writing {self._path(name)}")
+        finally:
+            os.unlink(handle.name)
+
+    def _advance_latest(self, checkpoint: Checkpoint) -> None:
+        # Never move LATEST backwards: another writer may have committed a higher step.
+        current = self._read_latest()
+        if current is not None and current[0] > checkpoint.step:
+            logger.warning("LATEST already names step %d > %d; left as it is", current[0], checkpoint.step)
+            return
+        pointer = {"step": checkpoint.step, "manifest": checkpoint.manifest_name}
+        self._publish_text(LATEST, json.dumps(pointer))
+
+    def _read_latest(self) -> tuple[int, str] | None:
+        try:
+            data = self.retry.run(lambda: self.files.read_bytes(self._path(LATEST)), "reading LATEST")
+        except FileNotFoundError:
+            return None
+        try:
+            pointer = json.loads(data)
+            return int(pointer["step"]), str(pointer["manifest"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("LATEST at %s is unreadable; ignoring it", self.root)
+            return None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list(self) -> list[Checkpoint]:
+        """Every committed checkpoint, oldest step first. Empty when the location does not exist."""
+        if not self.retry.run(lambda: self.files.exists(self.root), f"checking {self.root}"):
+            return []
+        names = self.retry.run(lambda: self.files.listdir(self.root), f"listing {self.root}")
+        checkpoints = []
+        for name in names:
+            if not _NAME_RE.match(name):
+                continue
+            checkpoint = self._read_manifest(name)
+            if checkpoint is not None:
+                checkpoints.append(checkpoint)
+        return sorted(checkpoints, key=lambda c: (c.step, c.created))
+
+    def _read_manifest(self, name: str) -> Checkpoint | None:
+        try:
+            data = self.retry.run(lambda: self.files.read_bytes(self._path(name)), f"reading {name}")
+        except FileNotFoundError:
+            return None  # removed by retention between listing and reading
+        try:
+            fields = json.loads(data)
+            fields.pop("version", None)
+            fields["path"] = self._path(fields["name"])  # the location may have been moved
+            return Checkpoint(**fields)
+        except (ValueError, TypeError, KeyError) as error:
+            logger.warning("manifest %s is unreadable (%s); ignoring it", self._path(name), error)
+            return None
+
+    def latest(self) -> Checkpoint | None:
+        """The committed checkpoint with the highest step, or None when there is none."""
+        checkpoints = self.list()
+        return checkpoints[-1] if checkpoints else None
+
+    def verify(self, checkpoint: Checkpoint | None = None) -> Checkpoint:
+        """Check size and adler32 of a checkpoint (default: the latest) on the storage.
+
+        Raises VerificationError naming the checkpoint when they differ from its manifest.
+        """
+        checkpoint = checkpoint or self.latest()
+        if checkpoint is None:
+            raise StorageError(f"no checkpoint to verify at {self.root}", self.root)
+        try:
+            size = self.retry.run(lambda: self.files.stat(checkpoint.path).st_size, f"stat {checkpoint.path}")
+        except StorageError as error:
+            if isinstance(error, StorageUnavailable):
+                raise
+            raise VerificationError(f"checkpoint of step {checkpoint.step} is missing: {error}",
+                                    checkpoint.path) from error
+        if size != checkpoint.size:
+            raise VerificationError(f"checkpoint of step {checkpoint.step} has {size} bytes, its manifest "
+                                    f"says {checkpoint.size}", checkpoint.path)
+        stored = self.retry.run(lambda: self.files.checksum(checkpoint.path), f"checksum {checkpoint.path}")
+        if f"{stored:08x}" != checkpoint.adler32:
+            raise VerificationError(f"checkpoint of step {checkpoint.step} has adler32 {stored:08x}, its "
+                                    f"manifest says {checkpoint.adler32}", checkpoint.path)
+        return checkpoint
+
+    def fetch(self, checkpoint: Checkpoint, dest: str | os.PathLike) -> Path:
+        """Download ``checkpoint`` to ``dest`` and check it against its manifest.
+
+        ``dest`` appears complete or not at all; a mismatch raises VerificationError.
+        """
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(temporary_name(dest))
+        try:
+            self.retry.run(lambda: self.files.download(checkpoint.path, partial), f"downloading {checkpoint.path}")
+            size, adler32 = adler32_of_file(partial)
+            if size != checkpoint.size or f"{adler32:08x}" != checkpoint.adler32:
+                raise VerificationError(
+                    f"checkpoint of step {checkpoint.step} is corrupt: {size} bytes, adler32 {adler32:08x}; "
+                    f"its manifest says {checkpoint.size} bytes, adler32 {checkpoint.adler32}", checkpoint.path)
+            os.replace(partial, dest)
+        finally:
+            partial.unlink(missing_ok=True)
+        return dest
+
+    def restore(self, dest: str | os.PathLike) -> Checkpoint | None:
+        """Fetch the newest checkpoint that verifies to ``dest``; None when the location is empty.
+
+        A corrupt newest checkpoint is skipped with a warning and the previous one used.
+        Storage outages raise: they are never taken for an empty location.
+        """
+        candidates = self.list()
+        for checkpoint in reversed(candidates):
+            try:
+                self.fetch(checkpoint, dest)
+                return checkpoint
+            except VerificationError as error:
+                logger.warning("skipping checkpoint of step %d: %s", checkpoint.step, error)
+        if candidates:
+            raise VerificationError(f"none of the {len(candidates)} checkpoints at {self.root} verifies",
+                                    self.root)
+        return None
+
+    # -- retention -------------------------------------------------------------------------
+
+    def apply_retention(self) -> list[Checkpoint]:
+        """Delete checkpoints beyond ``keep_last`` (sparing ``keep_every`` multiples and the one
+        LATEST names) and temporary files of dead writers; return what was deleted."""
+        checkpoints = self.list()
+        latest = self._read_latest()
+        keep = {c.name for c in checkpoints[-self.keep_last:]}
+        if latest is not None:
+            keep.add(latest[1].rsplit(".", 1)[0] + ".ckpt")
+        if self.keep_every:
+            keep.update(c.name for c in checkpoints if c.step % self.keep_every == 0)
+        deleted = []
+        for checkpoint in checkpoints:
+            if checkpoint.name in keep:
+                continue
+            # Manifest first: from then on the checkpoint no longer exists for readers.
+            self.files.remove(self._path(checkpoint.manifest_name), silent=True)
+            self.files.remove(checkpoint.path, silent=True)
+            deleted.append(checkpoint)
+            logger.info("retention removed checkpoint of step %d", checkpoint.step)
+        self._remove_stale_partials()
+        return deleted
+
+    def _remove_stale_partials(self) -> None:
+        now = time.time()
+        for name in self.files.listdir(self.root):
+            if PARTIAL_MARKER not in name:
+                continue
+            path = self._path(name)
+            try:
+                if now - self.files.stat(path).st_mtime > STALE_PARTIAL_SECONDS:
+                    self.files.remove(path, silent=True)
+            except StorageError:
+                pass  # finished or removed by its writer in the meantime
+
