@@ -40,7 +40,7 @@ import luigi
 
 from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.state import TrainingState
-from ckpt_tasks.storage.store import CheckpointStore
+from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.targets import checkpoints_target
 from ckpt_tasks.transfer import StoreTransfer, parameter_fingerprint
 
@@ -131,11 +131,14 @@ class CheckpointedTask(law.Task):
                                                            "0 disables; default: 600")
     keep_last = luigi.IntParameter(default=3, significant=False,
                                    description="checkpoints to keep; default: 3")
+    storage_timeout = luigi.FloatParameter(default=120.0, significant=False,
+                                           description="seconds to retry an unanswering storage before "
+                                                       "failing; default: 120")
 
     #: parameters a resumed training may change (e.g. the number of epochs, to train longer)
     fingerprint_exclude: tuple[str, ...] = ()
 
-    exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "keep_last"}
+    exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "keep_last", "storage_timeout"}
 
     # -- what a subclass implements ------------------------------------------------------------
 
@@ -186,7 +189,8 @@ class CheckpointedTask(law.Task):
         return f"{self.checkpoint_root()}/{self.task_family}/{fingerprint}/{leaf}"
 
     def checkpoint_store(self) -> CheckpointStore:
-        return CheckpointStore(self.checkpoint_location(), keep_last=self.keep_last)
+        return CheckpointStore(self.checkpoint_location(), keep_last=self.keep_last,
+                               retry=RetryPolicy(deadline=self.storage_timeout))
 
     def checkpoint_target(self):
         """The checkpoint location as an optional law target: it never makes the task complete."""
