@@ -1,20 +1,34 @@
 """ckpt_tasks: long trainings on HTCondor pools that survive eviction with nothing lost."""
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.errors import (CkptTasksError, FingerprintMismatch, JobAdError, StorageError,
+                               StorageUnavailable, VerificationError)
+from ckpt_tasks.state import TrainingState
 from ckpt_tasks.storage.store import Checkpoint, CheckpointStore, RetryPolicy
-from ckpt_tasks.errors import (CkptTasksError, JobAdError, StorageError, StorageUnavailable,
-                               VerificationError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
     "CheckpointStore",
+    "CheckpointedTask",
     "Checkpointer",
-    "RetryPolicy",
     "CkptTasksError",
+    "FingerprintMismatch",
     "JobAdError",
+    "RetryPolicy",
     "StorageError",
     "StorageUnavailable",
+    "TrainingState",
     "VerificationError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The law layer is imported on first use: a plain training loop with the
+    # Checkpointer does not pay for law and luigi.
+    if name in ("CheckpointedTask", "TrainingSession"):
+        from ckpt_tasks import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'ckpt_tasks' has no attribute {name!r}")
