@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,27 @@ class TaskCheckpointer(Checkpointer):
 
     defer_signals = True
 
-    def __init__(self, local_file: Path, state: TrainingState, store_transfer: StoreTransfer, **kwargs):
+    def __init__(self, local_file: Path, state: TrainingState, store_transfer: StoreTransfer,
+                 exit_interval: float | None = None, **kwargs):
         self._store_transfer = store_transfer
         self._state = state
+        self._exit_interval = exit_interval
+        self._started = time.monotonic()
         super().__init__(local_file, lambda path, value: value.save(path),
                          lambda path: state.load(path) or state, **kwargs)
 
     def _make_transfer(self):
         return self._store_transfer
+
+    def step(self, value: Any) -> None:
+        super().step(value)
+        # A voluntary exit right after a commit loses nothing: HTCondor spools the
+        # checkpoint (spool mode) and restarts the job at once.
+        if (self._exit_interval and time.monotonic() - self._started >= self._exit_interval
+                and self._store_transfer.last_committed_step == self._state.step):
+            logger.info("checkpoint exit after %.0f s at step %d", time.monotonic() - self._started,
+                        self._state.step)
+            self._exit(self.checkpoint_exit_code)
 
     def _final_write_needed(self) -> bool:
         return self._store_transfer.last_committed_step != self._state.step
@@ -131,6 +145,10 @@ class CheckpointedTask(law.Task):
                                                            "0 disables; default: 600")
     keep_last = luigi.IntParameter(default=3, significant=False,
                                    description="checkpoints to keep; default: 3")
+    checkpoint_exit_interval = luigi.FloatParameter(
+        default=0.0, significant=False,
+        description="exit with 85 after the first checkpoint once this many seconds passed, so "
+                    "HTCondor spools the checkpoint (spool mode); 0 never; default: 0")
     storage_timeout = luigi.FloatParameter(default=120.0, significant=False,
                                            description="seconds to retry an unanswering storage before "
                                                        "failing; default: 120")
@@ -138,7 +156,9 @@ class CheckpointedTask(law.Task):
     #: parameters a resumed training may change (e.g. the number of epochs, to train longer)
     fingerprint_exclude: tuple[str, ...] = ()
 
-    exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "keep_last", "storage_timeout"}
+    exclude_index = True  # a base class: law index lists only runnable tasks
+    exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "checkpoint_exit_interval",
+                            "keep_last", "storage_timeout"}
 
     # -- what a subclass implements ------------------------------------------------------------
 
@@ -164,7 +184,9 @@ class CheckpointedTask(law.Task):
         """The parameters that define this training (recorded in every manifest)."""
         # law's own workflow parameters (branch, workflow type, ...) say how a task runs,
         # not what it trains; the branch's own data is added below.
-        law_params = {name for name, _ in law.BaseWorkflow.get_params()}
+        law_params = {name for cls in type(self).__mro__
+                      if cls.__module__.startswith("law.") and issubclass(cls, luigi.Task)
+                      for name, _ in cls.get_params()}
         params = {name: self._param_value(name) for name, param in self.get_params()
                   if param.significant and name not in law_params and name not in self.fingerprint_exclude}
         if isinstance(self, law.BaseWorkflow) and self.is_branch():
@@ -209,6 +231,7 @@ class CheckpointedTask(law.Task):
             checkpoint_every=self.checkpoint_every,
             checkpoint_interval=self.checkpoint_interval or None,
             checkpoint_exit_code=CHECKPOINT_EXIT_CODE,
+            exit_interval=self.checkpoint_exit_interval or None,
         )
         session = TrainingSession(self, state, checkpointer, self.total_steps())
         try:

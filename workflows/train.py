@@ -7,6 +7,7 @@ point, checkpoints into its own location and resumes from it::
     law run TrainTask --branch 0                 # one branch, here
     law run TrainTask --branch 0 --print-status 0
     law run TrainTask --workflow local           # every branch, one after the other
+    law run TrainTask --workflow htcondor        # every branch as an HTCondor job
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import law
 import luigi
 
+from ckpt_tasks.htcondor.workflow import HTCondorWorkflow
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.tasks import CheckpointedTask, TrainingSession
 from ckpt_tasks.transfer import parameter_fingerprint
@@ -56,7 +58,7 @@ def build_model(hidden: int):
     )
 
 
-class TrainTask(CheckpointedTask, law.LocalWorkflow):
+class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
     """Train the digits classifier of one hyperparameter point (branch) with checkpoints."""
 
     version = luigi.Parameter(default="v1", description="output version; default: v1")

@@ -1,0 +1,127 @@
+"""HTCondorWorkflow: law's HTCondor workflow, made safe for self-checkpointing trainings.
+
+What it changes in law's stock workflow (see ../shared/notes/htcondor.md):
+
+- the job script (``job.sh``) relays SIGTERM/SIGINT to ``law run`` and passes its
+  exit code to HTCondor unchanged, 85 included;
+- the job manager (``CheckpointingJobManager``) reads a job that is idle or
+  running again, transferring output (JobStatus 6) or suspended (7) as alive,
+  whatever exit code an earlier run of it left, so no branch is resubmitted
+  while it still runs;
+- job completeness is checked on the branch outputs, not trusted from exit 0;
+- two checkpoint modes (``--checkpoint-mode``):
+  ``store``: checkpoints go to the task's store (XRootD or a shared path); an
+  evicted job goes back to idle, restarts and resumes from the store;
+  ``spool``: checkpoints stay in the job's sandbox and HTCondor itself moves them
+  (``checkpoint_exit_code``, ``transfer_checkpoint_files``); the training exits
+  with 85 every ``--checkpoint-exit-interval`` seconds so HTCondor spools them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import law
+import luigi
+
+law.contrib.load("htcondor")
+
+from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the contrib loaded)
+
+CHECKPOINT_EXIT_CODE = 85
+SPOOL_DIR = "ckpt_spool"
+CONFIG_SECTION = "ckpt_tasks_htcondor"
+
+
+class CheckpointingJobManager(HTCondorJobManager):
+    """law's HTCondor job manager with a status mapping that knows self-checkpointing jobs."""
+
+    @classmethod
+    def map_status(cls, status_flag):
+        # 1 idle, 2 running, 6 transferring output, 7 suspended: alive. 5 held and 3 removed:
+        # failed (law removes and resubmits them). 4 completed: by exit code, below.
+        if status_flag in ("0", "1", "U", "I"):
+            return cls.PENDING
+        if status_flag in ("2", "R", "6", ">", "<", "7", "S"):
+            return cls.RUNNING
+        if status_flag in ("4", "C"):
+            return cls.FINISHED
+        return cls.FAILED
+
+    @classmethod
+    def parse_long_output(cls, out):
+        query_data = super().parse_long_output(out)
+        # law marks every job with a non-zero ExitCode as failed. For a job that is idle or
+        # running again, that code belongs to an earlier run (an eviction, a checkpoint exit).
+        for block in out.strip().split("\n\n"):
+            data = dict(cls.long_block_cre.findall(block + "\n"))
+            if "ClusterId" not in data or "ProcId" not in data:
+                continue
+            job = query_data.get(f"{data['ClusterId']}.{data['ProcId']}")
+            status = cls.map_status(data.get("JobStatus"))
+            if job is not None and status in (cls.PENDING, cls.RUNNING):
+                job.update(status=status, code=0, error=None)
+        return query_data
+
+
+class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
+    """law's HTCondorWorkflow for CheckpointedTasks; see the module docstring."""
+
+    checkpoint_mode = luigi.ChoiceParameter(
+        default="store", choices=["store", "spool"], significant=False,
+        description="where checkpoints survive an eviction: 'store' (XRootD or a shared path) or "
+                    "'spool' (HTCondor's own checkpoint transfer); default: store")
+    request_gpus = luigi.IntParameter(default=0, significant=False,
+                                      description="GPUs per job; default: 0")
+    request_memory = luigi.Parameter(default="2GB", significant=False,
+                                     description="memory per job (HTCondor units); default: 2GB")
+    request_disk = luigi.Parameter(default="2GB", significant=False,
+                                   description="disk per job (HTCondor units); default: 2GB")
+    request_cpus = luigi.IntParameter(default=1, significant=False, description="CPUs per job; default: 1")
+
+    exclude_params_branch = {"request_gpus", "request_memory", "request_disk", "request_cpus"}
+
+    def htcondor_output_directory(self):
+        data = os.path.expandvars(os.environ.get("CKPT_TASKS_DATA", "$CKPT_TASKS_ROOT/data"))
+        return law.LocalDirectoryTarget(os.path.join(data, "htcondor", self.task_family, self.live_task_id))
+
+    def htcondor_job_file(self):
+        return law.JobInputFile(Path(__file__).with_name("job.sh"), copy=True, render_local=True)
+
+    def htcondor_job_manager_cls(self):
+        return CheckpointingJobManager
+
+    def htcondor_check_job_completeness(self):
+        return True
+
+    def htcondor_cmdline_args(self):
+        args = super().htcondor_cmdline_args()
+        if self.checkpoint_mode == "spool":
+            # Inside the job, the branch keeps its checkpoints in the sandbox.
+            args["--store"] = f"$_CONDOR_SCRATCH_DIR/{SPOOL_DIR}"
+        return args
+
+    def htcondor_job_config(self, config, job_num, branches):
+        root = os.environ.get("CKPT_TASKS_ROOT") or str(Path(__file__).resolve().parents[2])
+        config.render_variables["ckpt_tasks_root"] = root
+        config.render_variables["ckpt_tasks_data"] = os.path.expandvars(
+            os.environ.get("CKPT_TASKS_DATA", os.path.join(root, "data")))
+        content = config.custom_content
+        content.append(("request_cpus", self.request_cpus))
+        content.append(("request_memory", self.request_memory))
+        content.append(("request_disk", self.request_disk))
+        if self.request_gpus:
+            content.append(("request_gpus", self.request_gpus))
+        # HTCondor sends SIGTERM on eviction; the job script relays it.
+        content.append(("kill_sig", "SIGTERM"))
+        if self.checkpoint_mode == "spool":
+            content.append(("checkpoint_exit_code", CHECKPOINT_EXIT_CODE))
+            content.append(("transfer_checkpoint_files", SPOOL_DIR))
+            content.append(("preserve_relative_paths", "true"))
+            content.append(("when_to_transfer_output", "ON_EXIT"))
+        # Site additions: every option of [ckpt_tasks_htcondor] in law.cfg is a submit command.
+        cfg = law.config.Config.instance()
+        if cfg.has_section(CONFIG_SECTION):
+            for option in cfg.options(CONFIG_SECTION):
+                content.append((option, cfg.get_expanded(CONFIG_SECTION, option)))
+        return config
