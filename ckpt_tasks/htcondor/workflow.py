@@ -36,6 +36,10 @@ CONFIG_SECTION = "ckpt_tasks_htcondor"
 class CheckpointingJobManager(HTCondorJobManager):
     """law's HTCondor job manager with a status mapping that knows self-checkpointing jobs."""
 
+    # One submit file per job, which runs job.sh directly (law's grouped submission
+    # goes through a wrapper of its own that would stand between HTCondor and job.sh).
+    job_grouping_submit = False
+
     @classmethod
     def map_status(cls, status_flag):
         # 1 idle, 2 running, 6 transferring output, 7 suspended: alive. 5 held and 3 removed:
@@ -106,6 +110,8 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         config.render_variables["ckpt_tasks_root"] = root
         config.render_variables["ckpt_tasks_data"] = os.path.expandvars(
             os.environ.get("CKPT_TASKS_DATA", os.path.join(root, "data")))
+        # One log, stdout and stderr file per job in the output directory, to watch the jobs.
+        config.log, config.stdout, config.stderr = "log.txt", "stdout.txt", "stderr.txt"
         content = config.custom_content
         content.append(("request_cpus", self.request_cpus))
         content.append(("request_memory", self.request_memory))

@@ -1,0 +1,210 @@
+"""`law run TrainTask --workflow htcondor` on a real HTCondor pool, with evictions.
+
+The pool is Debian 13's minicondor in a chroot (scripts/htcondor_pool.sh); law
+runs inside it as the job user, the jobs run the project from this checkout, and
+checkpoints go to a real XRootD server on the host's loopback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import unavailable
+from test_train_task import law_env, weights_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = ROOT / "scripts" / "htcondor_pool.sh"
+POOL_DIR = Path(os.environ.get("CKPT_TASKS_POOL_DIR", "/var/cache/ckpt_tasks/htcondor-pool"))
+JOB_USER = "ckptuser"
+
+
+def pool(*args: str, timeout: float = 120, check: bool = True, env: dict | None = None) -> str:
+    result = subprocess.run(["bash", str(POOL), *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"htcondor_pool.sh {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def htcondor_pool():
+    if os.geteuid() != 0:
+        unavailable("the HTCondor test pool needs root (chroot, mounts)")
+    started = subprocess.run(["bash", str(POOL), "start"], capture_output=True, text=True, timeout=300)
+    if started.returncode != 0:
+        unavailable(f"the HTCondor pool does not start (build it with scripts/htcondor_pool.sh build):\n"
+                    f"{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    yield
+
+
+@pytest.fixture
+def workdir():
+    """A folder inside the checkout (so the chroot sees it), writable by the job user."""
+    path = ROOT / ".pool-tmp" / uuid.uuid4().hex[:8]
+    (path / "data").mkdir(parents=True)
+    user = pwd.getpwnam(JOB_USER)
+    for directory in (path, path / "data"):
+        os.chown(directory, user.pw_uid, user.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def in_pool_env(workdir: Path) -> str:
+    """Shell exports for law inside the pool."""
+    return (f"export CKPT_TASKS_ROOT={ROOT} CKPT_TASKS_DATA={workdir}/data LAW_HOME={workdir}/law "
+            f"LAW_CONFIG_FILE={ROOT}/law.cfg PYTHONPATH={ROOT} PATH={ROOT}/.venv/bin:$PATH; cd {ROOT}; ")
+
+
+def condor_jobs(constraint: str = "true") -> list[dict]:
+    out = pool("exec", f"condor_q -allusers -constraint '{constraint}' -json "
+                       "-attributes ClusterId,ProcId,JobStatus,Args,NumJobStarts,Arguments")
+    return json.loads(out) if out.strip() else []
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def local_reference(tmp_path: Path, branch: int, *args: str) -> str:
+    data = tmp_path / f"reference-{branch}"
+    env = law_env(data)
+    subprocess.run([str(ROOT / ".venv" / "bin" / "law"), "run", "TrainTask", "--branch", str(branch), *args],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    (model,) = data.glob(f"TrainTask/*/branch-{branch}/model.pt")
+    return weights_digest(model)
+
+
+def job_logs(workdir: Path) -> dict[int, str]:
+    """stdout of every job, by branch, read from the workflow's output directory."""
+    logs = {}
+    for path in workdir.glob("data/htcondor/TrainTask/*/stdout*"):
+        match = re.search(r"_(\d+)To\d+", path.name)
+        if match:
+            logs[int(match.group(1))] = path.read_text(errors="replace")
+    return logs
+
+
+def submission_attempts(workdir: Path) -> dict:
+    (submission,) = workdir.glob("data/htcondor/TrainTask/*/htcondor_submission_*.json")
+    data = json.loads(submission.read_text())
+    return data
+
+
+TRAIN = ("--epochs", "3", "--checkpoint-every", "10", "--step-delay", "0.05")
+
+
+def test_generated_submit_file_passes_condor_submit_dry_run(htcondor_pool, workdir):
+    """HTCondor itself parses the submit file the workflow generates (both modes)."""
+    script = (in_pool_env(workdir) + "python - <<'EOF'\n"
+              "from workflows.train import TrainTask\n"
+              "from luigi.cmdline_parser import CmdlineParser\n"
+              "from law.job.dashboard import NoJobDashboard\n"
+              "for mode in ('store', 'spool'):\n"
+              "    with CmdlineParser.global_instance(['TrainTask', '--workflow', 'htcondor']):\n"
+              "        task = TrainTask(workflow='htcondor', checkpoint_mode=mode, request_gpus=1)\n"
+              "        proxy = task.workflow_proxy\n"
+              "        proxy.job_file_factory = proxy.create_job_file_factory()\n"
+              "        proxy.dashboard = NoJobDashboard()\n"
+              "        print('JOBFILE', proxy.create_job_file(0, [0])['job'])\n"
+              "EOF\n")
+    out = pool("exec", script)
+    job_files = re.findall(r"JOBFILE (\S+)", out)
+    assert len(job_files) == 2, out
+    ads = []
+    for job_file in job_files:
+        directory = os.path.dirname(job_file)
+        ads.append(pool("exec", f"cd {directory} && condor_submit -dry-run - {job_file}"))
+    store_ad, spool_ad = ({k: v for k, v in re.findall(r"^(\w+) ?= ?(.*)$", ad, re.M)} for ad in ads)
+    for ad in (store_ad, spool_ad):
+        assert ad["RequestGPUs"] == "1" and ad["KillSig"] == '"SIGTERM"', ad
+        assert ad["RequestMemory"] and ad["RequestDisk"]
+    assert "SuccessCheckpointExitCode" not in store_ad
+    assert spool_ad["SuccessCheckpointExitCode"] == "85"
+    assert spool_ad["TransferCheckpoint"] == '"ckpt_spool"'
+    assert spool_ad["PreserveRelativePaths"] == "true"
+
+
+@pytest.mark.xrootd
+def test_store_mode_survives_graceful_and_hard_evictions_bit_identically(htcondor_pool, workdir, tmp_path,
+                                                                        make_xrootd_server):
+    server = make_xrootd_server()
+    store = f"{server.url}//ckpt"
+    command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
+               f"--branches 0,1 {' '.join(TRAIN)} --store {store} --poll-interval 0.05 --retries 0 "
+               f"--request-memory 500MB --request-disk 200MB")
+    runner = subprocess.Popen(["bash", str(POOL), "exec", command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        def checkpoint_of(branch: int, above: int = 0):
+            found = [int(m.group(1)) for p in server.data_dir.glob(f"ckpt/TrainTask/*/branch-{branch}/*.json")
+                     if (m := re.match(r"step-(\d+)-", p.name))]
+            return max(found) if found and max(found) > above else None
+
+        wait_until(lambda: checkpoint_of(0, 10) and checkpoint_of(1, 10), 180, "checkpoints of both branches")
+        wait_until(lambda: len(condor_jobs("JobStatus == 2")) == 2, 60, "two running jobs")
+        ids = sorted(f"{j['ClusterId']}.{j['ProcId']}" for j in condor_jobs())
+        assert len(ids) == 2, ids
+        # graceful eviction of one job, hard kill of the other
+        pool("exec", f"condor_vacate_job {ids[0]}")
+        pool("exec", f"condor_vacate_job -fast {ids[1]}")
+        out, _ = runner.communicate(timeout=600)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, out[-5000:]
+
+    logs = job_logs(workdir)
+    assert set(logs) == {0, 1}, logs.keys()
+    for branch, log in logs.items():
+        resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", log)]
+        assert resumed and max(resumed) > 0, f"branch {branch} never resumed:\n{log[-3000:]}"
+    # law never resubmitted a job: one job per branch, so never two at once
+    submission = submission_attempts(workdir)
+    assert all(int(n) == 0 for n in submission.get("attempts", {}).values()), submission.get("attempts")
+
+    for branch in (0, 1):
+        (model,) = workdir.glob(f"data/TrainTask/*/branch-{branch}/model.pt")
+        assert weights_digest(model) == local_reference(tmp_path, branch, *TRAIN[:4])
+
+
+def test_spool_mode_resumes_from_the_checkpoint_htcondor_transferred(htcondor_pool, workdir, tmp_path):
+    command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
+               f"--branches 2 {' '.join(TRAIN)} --checkpoint-mode spool --checkpoint-exit-interval 2 "
+               f"--poll-interval 0.05 --retries 0 --request-memory 500MB --request-disk 200MB")
+    runner = subprocess.Popen(["bash", str(POOL), "exec", command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        # Wait for a checkpoint exit to have been spooled, then evict: the new sandbox
+        # gets the spooled checkpoint.
+        def spooled():
+            jobs = condor_jobs("JobStatus == 2")
+            return jobs if jobs and any((POOL_DIR / "var/lib/condor/spool").glob("**/ckpt_spool/**/LATEST")) else None
+
+        jobs = wait_until(spooled, 180, "a spooled checkpoint")
+        pool("exec", f"condor_vacate_job {jobs[0]['ClusterId']}.{jobs[0]['ProcId']}")
+        out, _ = runner.communicate(timeout=600)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, out[-5000:]
+    log = job_logs(workdir)[2]
+    resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", log)]
+    assert resumed and max(resumed) > 0, log[-3000:]
+    (model,) = workdir.glob("data/TrainTask/*/branch-2/model.pt")
+    assert weights_digest(model) == local_reference(tmp_path, 2, *TRAIN[:4])
