@@ -56,6 +56,7 @@ def workdir():
     for directory in (path, path / "data"):
         os.chown(directory, user.pw_uid, user.pw_gid)
     yield path
+    pool("exec", "condor_rm -all", check=False)  # nothing a failed test left may run on
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -65,9 +66,16 @@ def in_pool_env(workdir: Path) -> str:
             f"LAW_CONFIG_FILE={ROOT}/law.cfg PYTHONPATH={ROOT} PATH={ROOT}/.venv/bin:$PATH; cd {ROOT}; ")
 
 
+def start_in_pool(command: str, workdir: Path) -> subprocess.Popen:
+    """Run ``command`` in the pool in the background; its output goes to workdir/law.log
+    (a pipe nobody reads while law polls for minutes would fill up and block it)."""
+    with open(workdir / "law.log", "w") as log:
+        return subprocess.Popen(["bash", str(POOL), "exec", command], stdout=log, stderr=subprocess.STDOUT)
+
+
 def condor_jobs(constraint: str = "true") -> list[dict]:
     out = pool("exec", f"condor_q -allusers -constraint '{constraint}' -json "
-                       "-attributes ClusterId,ProcId,JobStatus,Args,NumJobStarts,Arguments")
+                       "-attributes ClusterId,ProcId,JobStatus,NumJobStarts,CheckpointNumber")
     return json.loads(out) if out.strip() else []
 
 
@@ -100,6 +108,16 @@ def job_logs(workdir: Path) -> dict[int, str]:
         if match:
             logs[int(match.group(1))] = path.read_text(errors="replace")
     return logs
+
+
+def assert_resumed_in_a_new_sandbox(log: str) -> None:
+    """The job's last start came after an eviction (NumJobStarts >= 1 in the new sandbox's
+    job ad) and resumed from a checkpoint above step 0."""
+    starts = [int(n) for n in re.findall(r"NumJobStarts = (\d+)", log)]
+    assert starts and max(starts) >= 1, log[-3000:]
+    after = log[log.rindex(f"NumJobStarts = {max(starts)}"):]
+    resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", after)]
+    assert resumed and resumed[0] > 0, log[-3000:]
 
 
 def submission_attempts(workdir: Path) -> dict:
@@ -150,8 +168,7 @@ def test_store_mode_survives_graceful_and_hard_evictions_bit_identically(htcondo
     command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
                f"--branches 0,1 {' '.join(TRAIN)} --store {store} --poll-interval 0.05 --retries 0 "
                f"--request-memory 500MB --request-disk 200MB")
-    runner = subprocess.Popen(["bash", str(POOL), "exec", command], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    runner = start_in_pool(command, workdir)
     try:
         def checkpoint_of(branch: int, above: int = 0):
             found = [int(m.group(1)) for p in server.data_dir.glob(f"ckpt/TrainTask/*/branch-{branch}/*.json")
@@ -165,17 +182,16 @@ def test_store_mode_survives_graceful_and_hard_evictions_bit_identically(htcondo
         # graceful eviction of one job, hard kill of the other
         pool("exec", f"condor_vacate_job {ids[0]}")
         pool("exec", f"condor_vacate_job -fast {ids[1]}")
-        out, _ = runner.communicate(timeout=600)
+        runner.wait(timeout=600)
     finally:
         if runner.poll() is None:
             runner.kill()
-    assert runner.returncode == 0, out[-5000:]
+    assert runner.returncode == 0, (workdir / "law.log").read_text()[-5000:]
 
     logs = job_logs(workdir)
     assert set(logs) == {0, 1}, logs.keys()
-    for branch, log in logs.items():
-        resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", log)]
-        assert resumed and max(resumed) > 0, f"branch {branch} never resumed:\n{log[-3000:]}"
+    for log in logs.values():
+        assert_resumed_in_a_new_sandbox(log)
     # With --retries 0 the workflow fails on the first job law reads as failed. It succeeded:
     # law never resubmitted a job, so no branch ever had two jobs, let alone at once.
     submission = submission_attempts(workdir)
@@ -191,24 +207,21 @@ def test_spool_mode_resumes_from_the_checkpoint_htcondor_transferred(htcondor_po
     command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
                f"--branches 2 {' '.join(TRAIN)} --checkpoint-mode spool --checkpoint-exit-interval 2 "
                f"--poll-interval 0.05 --retries 0 --request-memory 500MB --request-disk 200MB")
-    runner = subprocess.Popen(["bash", str(POOL), "exec", command], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    runner = start_in_pool(command, workdir)
     try:
-        # Wait for a checkpoint exit to have been spooled, then evict: the new sandbox
-        # gets the spooled checkpoint.
-        def spooled():
-            jobs = condor_jobs("JobStatus == 2")
-            return jobs if jobs and any((POOL_DIR / "var/lib/condor/spool").glob("**/ckpt_spool/**/LATEST")) else None
+        # Wait until HTCondor has spooled a checkpoint (CheckpointNumber counts the uploads
+        # after exit 85), then evict: the job starts again in a new, empty sandbox.
+        def spooled_and_running():
+            return [j for j in condor_jobs("JobStatus == 2 && CheckpointNumber >= 1")]
 
-        jobs = wait_until(spooled, 180, "a spooled checkpoint")
-        pool("exec", f"condor_vacate_job {jobs[0]['ClusterId']}.{jobs[0]['ProcId']}")
-        out, _ = runner.communicate(timeout=600)
+        (job,) = wait_until(spooled_and_running, 180, "a spooled checkpoint")
+        pool("exec", f"condor_vacate_job {job['ClusterId']}.{job['ProcId']}")
+        runner.wait(timeout=600)
     finally:
         if runner.poll() is None:
             runner.kill()
-    assert runner.returncode == 0, out[-5000:]
+    assert runner.returncode == 0, (workdir / "law.log").read_text()[-5000:]
     log = job_logs(workdir)[2]
-    resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", log)]
-    assert resumed and max(resumed) > 0, log[-3000:]
+    assert_resumed_in_a_new_sandbox(log)
     (model,) = workdir.glob("data/TrainTask/*/branch-2/model.pt")
     assert weights_digest(model) == local_reference(tmp_path, 2, *TRAIN[:4])
