@@ -223,8 +223,7 @@ class Checkpointer:
         with self._critical():
             self.checkpoint_value = value
             if self._checkpoint_due():
-                self._write_local(value)
-                self.transfer_checkpoint_files()
+                self._save(value)
                 self._last_checkpoint_time = time.monotonic()
             self.step_counter += 1
 
@@ -285,9 +284,7 @@ class Checkpointer:
             self._exit_without_value(signum)
         try:
             self._busy += 1  # a second signal now must not start another save
-            if self._final_write_needed():
-                self._write_local(self.checkpoint_value)
-                self.transfer.store(self.local_checkpoint_file)
+            self._save_final(self.checkpoint_value)
         except Exception as error:
             logger.error("the last checkpoint after %s could not be saved: %s",
                          signal.Signals(signum).name, error)
@@ -299,9 +296,16 @@ class Checkpointer:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _final_write_needed(self) -> bool:
-        """Whether the stop must write the stored value (subclasses skip a duplicate)."""
-        return True
+    def _save(self, value: Any) -> None:
+        """Write the checkpoint of ``value`` and make it persistent (subclasses may do it in
+        the background)."""
+        self._write_local(value)
+        self.transfer_checkpoint_files()
+
+    def _save_final(self, value: Any) -> None:
+        """The last save before exiting on a signal: complete when it returns."""
+        self._write_local(value)
+        self.transfer.store(self.local_checkpoint_file)
 
     def _exit(self, code: int) -> None:
         sys.exit(code)

@@ -39,6 +39,7 @@ from typing import Any
 import law
 import luigi
 
+from ckpt_tasks.async_checkpoint import BackgroundCommitter, Snapshotter
 from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
@@ -52,23 +53,34 @@ DEFAULT_STORE = "$CKPT_TASKS_DATA/checkpoints"
 
 
 class TaskCheckpointer(Checkpointer):
-    """The Checkpointer of a CheckpointedTask: commits into a CheckpointStore.
+    """The Checkpointer of a CheckpointedTask: commits a TrainingState into a CheckpointStore.
 
-    It stops only at the end of a training step (the state is a live model, which
-    is inconsistent in the middle of one), skips a final write of a step already
-    committed, and leaves the process with ``os._exit``: luigi catches SystemExit
-    and would report a failure instead of exit code 85.
+    - It stops only at the end of a training step: the state is a live model,
+      inconsistent in the middle of one.
+    - With ``asynchronous=True`` a due checkpoint costs the loop only an in-memory
+      snapshot; serialisation and commit run in the background, one at a time.
+    - On a stop it waits for the commit in flight, then commits the current step,
+      all within ``stop_deadline`` seconds; past it, the newest committed
+      checkpoint stays valid and the log says which steps are lost.
+    - It leaves the process with ``os._exit``: luigi catches SystemExit and would
+      report a failure instead of exit code 85.
     """
 
     defer_signals = True
 
-    def __init__(self, local_file: Path, state: TrainingState, store_transfer: StoreTransfer,
-                 exit_interval: float | None = None, **kwargs):
+    def __init__(self, workdir: Path, state: TrainingState, store_transfer: StoreTransfer,
+                 exit_interval: float | None = None, asynchronous: bool = True,
+                 stop_deadline: float = 300.0, **kwargs):
         self._store_transfer = store_transfer
         self._state = state
+        self._workdir = workdir
         self._exit_interval = exit_interval
+        self._asynchronous = asynchronous
+        self._stop_deadline = stop_deadline
         self._started = time.monotonic()
-        super().__init__(local_file, lambda path, value: value.save(path),
+        self._snapshotter = Snapshotter()
+        self._committer = BackgroundCommitter()
+        super().__init__(workdir / "state.pt", lambda path, value: value.save(path),
                          lambda path: state.load(path) or state, **kwargs)
 
     def _make_transfer(self):
@@ -76,16 +88,53 @@ class TaskCheckpointer(Checkpointer):
 
     def step(self, value: Any) -> None:
         super().step(value)
-        # A voluntary exit right after a commit loses nothing: HTCondor spools the
-        # checkpoint (spool mode) and restarts the job at once.
-        if (self._exit_interval and time.monotonic() - self._started >= self._exit_interval
-                and self._store_transfer.last_committed_step == self._state.step):
+        # A voluntary exit loses nothing once the current step is committed: HTCondor
+        # spools the checkpoint (spool mode) and restarts the job at once.
+        if self._exit_interval and time.monotonic() - self._started >= self._exit_interval:
+            self._save_final(self._state)
             logger.info("checkpoint exit after %.0f s at step %d", time.monotonic() - self._started,
                         self._state.step)
             self._exit(self.checkpoint_exit_code)
 
-    def _final_write_needed(self) -> bool:
-        return self._store_transfer.last_committed_step != self._state.step
+    def _save(self, value: Any) -> None:
+        if not self._asynchronous:
+            super()._save(value)
+            return
+        self._committer.wait()  # at most one in flight; its buffers are reused below
+        self._submit_snapshot()
+
+    def _submit_snapshot(self) -> None:
+        state = self._state
+        step, metadata = state.step, {"epoch": state.epoch, "batch": state.batch}
+        snapshot = self._snapshotter.snapshot(state.state_dict())
+
+        def commit():
+            import torch
+
+            path = self._workdir / f"state-{step}.pt"
+            torch.save(snapshot, path)
+            try:
+                self._store_transfer.commit(path, step, metadata)
+            finally:
+                path.unlink(missing_ok=True)
+
+        self._committer.submit(step, commit)
+
+    def _save_final(self, value: Any) -> None:
+        deadline = time.monotonic() + self._stop_deadline
+        try:
+            finished = self._committer.wait(timeout=self._stop_deadline)
+        except Exception as error:  # the commit in flight failed; the final one may still work
+            logger.error("the checkpoint in flight failed: %s", error)
+            finished = True
+        if finished and self._store_transfer.last_committed_step != self._state.step:
+            self._submit_snapshot()
+            finished = self._committer.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if not finished:
+            committed = self._store_transfer.last_committed_step
+            logger.error("the final checkpoint of step %d was not committed within %.0f s; the newest "
+                         "committed checkpoint is step %s, so the steps after it are lost",
+                         self._state.step, self._stop_deadline, committed)
 
     def _exit(self, code: int) -> None:
         logging.shutdown()
@@ -149,6 +198,14 @@ class CheckpointedTask(law.Task):
         default=0.0, significant=False,
         description="exit with 85 after the first checkpoint once this many seconds passed, so "
                     "HTCondor spools the checkpoint (spool mode); 0 never; default: 0")
+    async_checkpoint = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="commit checkpoints in the background, pausing training only for an in-memory "
+                    "snapshot; default: True")
+    stop_deadline = luigi.FloatParameter(
+        default=300.0, significant=False,
+        description="seconds a SIGTERM may take to commit the last checkpoint (HTCondor hard-kills "
+                    "after its vacate time, 600 s by default); default: 300")
     storage_timeout = luigi.FloatParameter(default=120.0, significant=False,
                                            description="seconds to retry an unanswering storage before "
                                                        "failing; default: 120")
@@ -158,7 +215,7 @@ class CheckpointedTask(law.Task):
 
     exclude_index = True  # a base class: law index lists only runnable tasks
     exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "checkpoint_exit_interval",
-                            "keep_last", "storage_timeout"}
+                            "keep_last", "storage_timeout", "async_checkpoint", "stop_deadline"}
 
     # -- what a subclass implements ------------------------------------------------------------
 
@@ -227,7 +284,9 @@ class CheckpointedTask(law.Task):
                                  metadata_of=lambda: {"epoch": state.epoch, "batch": state.batch})
         workdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=os.environ.get("_CONDOR_SCRATCH_DIR")))
         checkpointer = TaskCheckpointer(
-            workdir / "state.pt", state, transfer,
+            workdir, state, transfer,
+            asynchronous=self.async_checkpoint,
+            stop_deadline=self.stop_deadline,
             checkpoint_every=self.checkpoint_every,
             checkpoint_interval=self.checkpoint_interval or None,
             checkpoint_exit_code=CHECKPOINT_EXIT_CODE,

@@ -144,8 +144,11 @@ class StoreTransfer:
         self.restored = None  # the Checkpoint restored, if any
 
     def store(self, local: Path) -> None:
-        step = self.step_of()
-        metadata = {**self.metadata_of(), "params": self.params, "fingerprint": self.fingerprint}
+        self.commit(local, self.step_of(), self.metadata_of())
+
+    def commit(self, local: Path, step: int, metadata: dict) -> None:
+        """Commit ``local`` as the checkpoint of ``step`` (callable from a background thread)."""
+        metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint}
         self.checkpoints.save(local, step, metadata)
         self.last_committed_step = step
 
