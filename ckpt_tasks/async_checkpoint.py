@@ -12,6 +12,7 @@ flight and the snapshot buffers are never overwritten while being written.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -64,6 +65,15 @@ class Snapshotter:
         return buffer
 
 
+def _lower_thread_priority() -> None:
+    # On Linux a thread is a task with its own nice value: the training threads keep
+    # the CPU, the commit uses what they leave (best effort; not every system allows it).
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 class BackgroundCommitter:
     """Runs one commit at a time in a background thread and reports its outcome."""
 
@@ -78,6 +88,7 @@ class BackgroundCommitter:
 
         def run():
             try:
+                _lower_thread_priority()
                 commit()
             except BaseException as error:  # reported to the training thread by wait()
                 self._error = error
