@@ -7,12 +7,17 @@ import logging
 import sys
 
 import ckpt_tasks
+from ckpt_tasks import history, watch
 from ckpt_tasks.errors import CkptTasksError, VerificationError
-from ckpt_tasks.storage.store import CheckpointStore
+from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
+
+
+def _store(args: argparse.Namespace) -> CheckpointStore:
+    return CheckpointStore(args.location, retry=RetryPolicy(deadline=args.deadline))
 
 
 def _ls(args: argparse.Namespace) -> int:
-    checkpoints = CheckpointStore(args.location).list()
+    checkpoints = _store(args).list()
     if args.json:
         print(json.dumps([c.to_json() for c in checkpoints], indent=2))
         return 0
@@ -26,7 +31,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    store = CheckpointStore(args.location)
+    store = _store(args)
     checkpoints = store.list() if args.all else [c for c in [store.latest()] if c]
     if not checkpoints:
         print(f"no checkpoints at {args.location}", file=sys.stderr)
@@ -43,7 +48,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    checkpoint = CheckpointStore(args.location).restore(args.dest)
+    checkpoint = _store(args).restore(args.dest)
     if checkpoint is None:
         print(f"no checkpoints at {args.location}", file=sys.stderr)
         return 1
@@ -55,21 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt-tasks", description=ckpt_tasks.__doc__)
     parser.add_argument("--version", action="version", version=f"ckpt-tasks {ckpt_tasks.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--deadline", type=float, default=RetryPolicy.deadline, metavar="SECONDS",
+                        help="how long to retry a storage that does not answer (default: %(default)s)")
 
-    ls = commands.add_parser("ls", help="list the committed checkpoints of a location")
+    ls = commands.add_parser("ls", parents=[common], help="list the committed checkpoints of a location")
     ls.add_argument("location", help="a path, file:// or root://host:port//path")
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     ls.set_defaults(func=_ls)
 
-    verify = commands.add_parser("verify", help="check size and adler32 on the storage")
+    verify = commands.add_parser("verify", parents=[common], help="check size and adler32 on the storage")
     verify.add_argument("location")
     verify.add_argument("--all", action="store_true", help="every checkpoint, not only the latest")
     verify.set_defaults(func=_verify)
 
-    restore = commands.add_parser("restore", help="fetch the newest intact checkpoint")
+    restore = commands.add_parser("restore", parents=[common], help="fetch the newest intact checkpoint")
     restore.add_argument("location")
     restore.add_argument("dest", help="local file to write")
     restore.set_defaults(func=_restore)
+
+    watch.add_parser(commands)
+    history.add_parser(commands)
     return parser
 
 

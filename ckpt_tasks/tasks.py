@@ -41,6 +41,7 @@ import luigi
 
 from ckpt_tasks.async_checkpoint import BackgroundCommitter, Snapshotter
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.targets import checkpoints_target
@@ -103,9 +104,9 @@ class TaskCheckpointer(Checkpointer):
         self._committer.wait()  # at most one in flight; its buffers are reused below
         self._submit_snapshot()
 
-    def _submit_snapshot(self) -> None:
+    def _submit_snapshot(self, reason: str = "interval") -> None:
         state = self._state
-        step, metadata = state.step, {"epoch": state.epoch, "batch": state.batch}
+        step, metadata = state.step, checkpoint_metadata(state, reason)
         snapshot = self._snapshotter.snapshot(state.state_dict())
 
         def commit():
@@ -128,7 +129,7 @@ class TaskCheckpointer(Checkpointer):
             logger.error("the checkpoint in flight failed: %s", error)
             finished = True
         if finished and self._store_transfer.last_committed_step != self._state.step:
-            self._submit_snapshot()
+            self._submit_snapshot(reason="signal")
             finished = self._committer.wait(timeout=max(0.0, deadline - time.monotonic()))
         if not finished:
             committed = self._store_transfer.last_committed_step
@@ -141,6 +142,15 @@ class TaskCheckpointer(Checkpointer):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def checkpoint_metadata(state: TrainingState, reason: str) -> dict:
+    """What a manifest says about the training at this checkpoint (read by ``ckpt-tasks history``)."""
+    metadata = {"epoch": state.epoch, "batch": state.batch, "reason": reason}
+    losses = state.metrics.get("loss")
+    if losses:
+        metadata["loss"] = losses[-1]
+    return metadata
 
 
 class TrainingSession:
@@ -166,10 +176,7 @@ class TrainingSession:
 
     def _show_progress(self, metrics: dict[str, float]) -> None:
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=self.state.step - 1, unit="step",
-                             desc=self.task.task_family, disable=not sys.stderr.isatty(), leave=False)
+            self._bar = step_bar(self.total_steps, initial=self.state.step - 1, desc=self.task.task_family)
         self._bar.update(1)
         if metrics:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
@@ -281,7 +288,7 @@ class CheckpointedTask(law.Task):
         state = self.create_state()
         store = self.checkpoint_store()
         transfer = StoreTransfer(store, step_of=lambda: state.step, params=self.checkpoint_params(),
-                                 metadata_of=lambda: {"epoch": state.epoch, "batch": state.batch})
+                                 metadata_of=lambda: checkpoint_metadata(state, "interval"))
         workdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=os.environ.get("_CONDOR_SCRATCH_DIR")))
         checkpointer = TaskCheckpointer(
             workdir, state, transfer,

@@ -141,6 +141,7 @@ class StoreTransfer:
         self.metadata_of = metadata_of or dict
         self.fingerprint = parameter_fingerprint(params)
         self.last_committed_step: int | None = None
+        self.last_committed = None  # the newest Checkpoint committed or restored: its lineage goes on
         self.restored = None  # the Checkpoint restored, if any
 
     def store(self, local: Path) -> None:
@@ -148,8 +149,11 @@ class StoreTransfer:
 
     def commit(self, local: Path, step: int, metadata: dict) -> None:
         """Commit ``local`` as the checkpoint of ``step`` (callable from a background thread)."""
-        metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint}
-        self.checkpoints.save(local, step, metadata)
+        from ckpt_tasks.lineage import trail
+
+        metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
+                    "lineage_trail": trail(self.last_committed)}
+        self.last_committed = self.checkpoints.save(local, step, metadata)
         self.last_committed_step = step
 
     def retrieve(self, local: Path) -> bool:
@@ -161,6 +165,7 @@ class StoreTransfer:
         if self.restored is not None and self.restored is not latest:
             check_fingerprint(self.restored, self.params, self.fingerprint, self.checkpoints.location)
         self.last_committed_step = self.restored.step if self.restored else None
+        self.last_committed = self.restored
         return self.restored is not None
 
 

@@ -3,10 +3,12 @@
 Every writer (the Checkpointer's ``shared`` and ``xrootd`` modes, and the
 checkpoint store) publishes through ``publish_file``:
 
-1. compute size and adler32 of the local file;
-2. upload it under a temporary name beside the destination;
-3. check that the storage holds exactly those bytes (adler32 verified while
-   uploading, size compared with the storage's ``stat``);
+1. take the size of the local file;
+2. upload it under a temporary name beside the destination, computing its
+   adler32 on the way;
+3. check that the storage holds exactly those bytes (the storage's adler32 of
+   the stored file equals the one of the bytes sent, size compared with the
+   storage's ``stat``);
 4. rename the temporary file to the destination, atomically.
 
 A reader therefore sees the old file or the new one, never half of one. A
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Protocol
 
 from ckpt_tasks.errors import StorageError, VerificationError
-from ckpt_tasks.storage.checksum import adler32_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ PARTIAL_MARKER = ".partial-"
 class FileInterface(Protocol):
     """What ``publish_file`` needs from a storage (local directory or XRootD)."""
 
-    def upload(self, local, path, adler32: int | None = None) -> None: ...
+    def upload(self, local, path, adler32: int | None = None) -> int: ...
     def stat(self, path): ...
     def rename(self, src, dst) -> None: ...
     def remove(self, path, silent: bool = True) -> bool: ...
@@ -68,10 +69,12 @@ def _remove_quietly(files: FileInterface, temporary: str) -> None:
 def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike) -> PublishedFile:
     """Publish ``local`` at ``dest`` on ``files``, complete or not at all."""
     local = Path(local)
-    size, adler32 = adler32_of_file(local)
+    size = local.stat().st_size
     temporary = temporary_name(dest)
     try:
-        files.upload(local, temporary, adler32=adler32)
+        # The storage checks what it stored against the adler32 of the bytes sent, which
+        # the upload computes while sending them: no separate pass over the file.
+        adler32 = files.upload(local, temporary)
         stored_size = files.stat(temporary).st_size
         if stored_size != size:
             raise VerificationError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
@@ -17,6 +18,19 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: bool = False) -> int:
+    """Copy ``src`` to ``dst`` in one pass and return the adler32 of the bytes copied."""
+    value = 1
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        while chunk := source.read(8 << 20):
+            value = zlib.adler32(chunk, value)
+            target.write(chunk)
+        if sync:
+            target.flush()
+            os.fsync(target.fileno())
+    return value
 
 
 class LocalFileInterface:
@@ -64,28 +78,31 @@ class LocalFileInterface:
             raise StorageError(f"cannot remove {path}: {error.strerror}", str(path)) from error
         return True
 
-    def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None) -> None:
-        """Copy ``local`` to ``path`` durably; with ``adler32``, re-read and verify what was stored."""
+    def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None) -> int:
+        """Copy ``local`` to ``path`` durably, re-read what was stored and verify it against
+        ``adler32`` or, without it, the source's adler32 computed while copying; return it."""
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(local, "rb") as source, open(path, "wb") as target:
-                shutil.copyfileobj(source, target, length=8 << 20)
-                target.flush()
-                os.fsync(target.fileno())
+            sent = _copy_with_adler32(local, path, sync=True)
         except OSError as error:
             kind = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
             raise StorageError(f"cannot write {path}: {kind}", str(path)) from error
-        if adler32 is not None:
-            stored = adler32_of_file(path)[1]
-            if stored != adler32:
-                raise VerificationError(
-                    f"adler32 of {path} is {stored:08x} after writing, expected {adler32:08x}", str(path))
+        expected = sent if adler32 is None else adler32
+        stored = adler32_of_file(path)[1]
+        if stored != expected:
+            raise VerificationError(
+                f"adler32 of {path} is {stored:08x} after writing, expected {expected:08x}", str(path))
+        return expected
 
-    def download(self, path: str | os.PathLike, local: str | os.PathLike) -> None:
+    def download(self, path: str | os.PathLike, local: str | os.PathLike, adler32: int | None = None) -> None:
+        """Copy ``path`` to ``local``; with ``adler32``, check the bytes while copying them."""
         try:
-            shutil.copyfile(path, local)
+            received = _copy_with_adler32(path, local)
         except OSError as error:
             raise StorageError(f"cannot copy {path} to {local}: {error.strerror}", str(path)) from error
+        if adler32 is not None and received != adler32:
+            raise VerificationError(
+                f"adler32 of {path} is {received:08x}, expected {adler32:08x}", str(path))
 
     def read_bytes(self, path: str | os.PathLike) -> bytes:
         """The whole content of a small file (manifests, pointers); FileNotFoundError when absent."""
@@ -101,6 +118,9 @@ class LocalFileInterface:
             return adler32_of_file(path)[1]
         except OSError as error:
             raise StorageError(f"cannot read {path}: {error.strerror}", str(path)) from error
+
+    #: reading the file is what ``checksum`` does already
+    compute_checksum = checksum
 
     def rename(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
         """Atomically replace ``dst`` with ``src`` (same file system)."""

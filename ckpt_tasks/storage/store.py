@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
-from ckpt_tasks.storage.checksum import adler32_of_file
+from ckpt_tasks.lineage import lineage
 from ckpt_tasks.storage.commit import PARTIAL_MARKER, publish_file, temporary_name
 from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
@@ -136,14 +136,19 @@ class CheckpointStore:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint file to save at {path}")
+        # Lineage: where and when this checkpoint was made (callers may bring their own).
+        metadata = dict(metadata or {})
+        metadata.setdefault("lineage", lineage(step=step, loss=metadata.get("loss")))
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
-        size, adler32 = adler32_of_file(path)
-        checkpoint = Checkpoint(
-            step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
-            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            path=self._path(f"{stem}.ckpt"), metadata=dict(metadata or {}))
         self.retry.run(lambda: self.files.mkdir_rec(self.root), f"creating {self.root}")
-        self.retry.run(lambda: publish_file(self.files, path, checkpoint.path), f"uploading {checkpoint.path}")
+        # The manifest records the size and the adler32 that the storage verified while publishing.
+        published = self.retry.run(lambda: publish_file(self.files, path, self._path(f"{stem}.ckpt")),
+                                   f"uploading {self._path(f'{stem}.ckpt')}")
+        size = published.size
+        checkpoint = Checkpoint(
+            step=step, name=f"{stem}.ckpt", size=size, adler32=f"{published.adler32:08x}",
+            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            path=published.path, metadata=dict(metadata or {}))
         manifest = {"version": MANIFEST_VERSION, **checkpoint.to_json()}
         self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
         self._advance_latest(checkpoint)
@@ -217,7 +222,7 @@ class CheckpointStore:
         return checkpoints[-1] if checkpoints else None
 
     def verify(self, checkpoint: Checkpoint | None = None) -> Checkpoint:
-        """Check size and adler32 of a checkpoint (default: the latest) on the storage.
+        """Check size and adler32 of a checkpoint (default: the latest) by reading it from the storage.
 
         Raises VerificationError naming the checkpoint when they differ from its manifest.
         """
@@ -234,7 +239,8 @@ class CheckpointStore:
         if size != checkpoint.size:
             raise VerificationError(f"checkpoint of step {checkpoint.step} has {size} bytes, its manifest "
                                     f"says {checkpoint.size}", checkpoint.path)
-        stored = self.retry.run(lambda: self.files.checksum(checkpoint.path), f"checksum {checkpoint.path}")
+        # Read the data back: a checksum the server cached would not see bytes rotted on its disk.
+        stored = self.retry.run(lambda: self.files.compute_checksum(checkpoint.path), f"checksum {checkpoint.path}")
         if f"{stored:08x}" != checkpoint.adler32:
             raise VerificationError(f"checkpoint of step {checkpoint.step} has adler32 {stored:08x}, its "
                                     f"manifest says {checkpoint.adler32}", checkpoint.path)
@@ -248,12 +254,23 @@ class CheckpointStore:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(temporary_name(dest))
+
+        def download() -> VerificationError | None:
+            # adler32 is checked while the bytes arrive (no second pass over the file). A
+            # mismatch is what the storage holds: returned, not raised, so it is not retried.
+            try:
+                self.files.download(checkpoint.path, partial, adler32=int(checkpoint.adler32, 16))
+            except VerificationError as error:
+                return error
+            return None
+
         try:
-            self.retry.run(lambda: self.files.download(checkpoint.path, partial), f"downloading {checkpoint.path}")
-            size, adler32 = adler32_of_file(partial)
-            if size != checkpoint.size or f"{adler32:08x}" != checkpoint.adler32:
+            mismatch = self.retry.run(download, f"downloading {checkpoint.path}")
+            if mismatch is None and partial.stat().st_size != checkpoint.size:
+                mismatch = f"{partial.stat().st_size} bytes arrived"
+            if mismatch is not None:
                 raise VerificationError(
-                    f"checkpoint of step {checkpoint.step} is corrupt: {size} bytes, adler32 {adler32:08x}; "
+                    f"checkpoint of step {checkpoint.step} is corrupt: {mismatch}; "
                     f"its manifest says {checkpoint.size} bytes, adler32 {checkpoint.adler32}", checkpoint.path)
             os.replace(partial, dest)
         finally:
@@ -282,9 +299,14 @@ class CheckpointStore:
 
     def apply_retention(self) -> list[Checkpoint]:
         """Delete checkpoints beyond ``keep_last`` (sparing ``keep_every`` multiples and the one
-        LATEST names) and temporary files of dead writers; return what was deleted."""
+        LATEST names) and temporary or uncommitted files of dead writers; return what was deleted."""
         checkpoints = self.list()
         latest = self._read_latest()
+        if checkpoints and (latest is None or latest[0] < checkpoints[-1].step):
+            # Two writers raced on LATEST (read, then replace) and the lower step won, or
+            # a writer died between its manifest and LATEST: point it at the newest again.
+            self._advance_latest(checkpoints[-1])
+            latest = self._read_latest()
         keep = {c.name for c in checkpoints[-self.keep_last:]}
         if latest is not None:
             keep.add(latest[1].rsplit(".", 1)[0] + ".ckpt")
@@ -304,8 +326,14 @@ class CheckpointStore:
 
     def _remove_stale_partials(self) -> None:
         now = time.time()
-        for name in self.files.listdir(self.root):
-            if PARTIAL_MARKER not in name:
+        names = self.files.listdir(self.root)
+        present = set(names)
+        for name in names:
+            # A data file without its manifest was never committed (its writer died between
+            # the two, or retention died between removing the manifest and the data).
+            orphan = name.endswith(".ckpt") and _NAME_RE.match(name[:-5] + ".json") \
+                and name[:-5] + ".json" not in present
+            if PARTIAL_MARKER not in name and not orphan:
                 continue
             path = self._path(name)
             try:

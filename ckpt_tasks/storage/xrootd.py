@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat as stat_module
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,6 @@ from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 
 # kXR_NotFound: the only answer that means "this path does not exist".
 _XRD_NOT_FOUND = 3011
-# Answers that a retry cannot change (kXR_NoSpace, kXR_NotAuthorized, kXR_NotFile,
-# kXR_isDirectory, kXR_overQuota, kXR_fsReadOnly): raised as StorageError, which
-# RetryPolicy does not retry, instead of StorageUnavailable.
-_XRD_PERMANENT = {3009, 3010, 3015, 3016, 3021, 3025}
 
 # The client's defaults wait minutes before giving up on a dead server
 # (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
@@ -93,8 +90,7 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @staticmethod
     def _fail(status, what: str, url) -> StorageError:
-        error = StorageError if status.errno in _XRD_PERMANENT else StorageUnavailable
-        return error(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
+        return StorageUnavailable(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
 
     def _stat_url(self, url: XRootDURL):
         status, info = self._fs(url).stat(url.path, timeout=self.timeout)
@@ -136,6 +132,8 @@ class XRootDFileInterface(RemoteFileInterface):
         return bool(stat) and stat_module.S_ISREG(stat.st_mode)
 
     def chmod(self, path, perm, base=None, silent=False, **kwargs):
+        if perm is None:
+            return True  # law passes None for "leave the permissions as they are"
         url = self.resolve(path, base)
         from XRootD.client.flags import AccessMode
 
@@ -220,15 +218,23 @@ class XRootDFileInterface(RemoteFileInterface):
     # -- what the commit protocol needs ------------------------------------------------------
 
     def upload(self, local: str | os.PathLike, path: str, adler32: int | None = None,
-               base: str | None = None) -> None:
-        """Copy a local file to ``path``, overwriting; with ``adler32`` the server verifies it."""
-        url = self.resolve(path, base)
-        self._copy(str(Path(local).absolute()), url.url, adler32=adler32, mkdir=True)
+               base: str | None = None) -> int:
+        """Copy a local file to ``path``, overwriting, and return the adler32 the server verified.
 
-    def download(self, path: str, local: str | os.PathLike, base: str | None = None) -> None:
-        """Copy ``path`` from the server to a local file, overwriting."""
+        The server computes the adler32 of what it stored and compares it with ``adler32``
+        or, without it, with the client's, computed while sending (no extra pass over the file).
+        """
         url = self.resolve(path, base)
-        self._copy(url.url, str(Path(local).absolute()))
+        result = self._copy(str(Path(local).absolute()), url.url, adler32=adler32, mkdir=True,
+                            mode="target" if adler32 is not None else "end2end")
+        return adler32 if adler32 is not None else _parse_checksum(result.get("targetCheckSum"), url)
+
+    def download(self, path: str, local: str | os.PathLike, base: str | None = None,
+                 adler32: int | None = None) -> None:
+        """Copy ``path`` from the server to a local file, overwriting; with ``adler32``, the
+        client checks the received bytes against it while writing them (VerificationError)."""
+        url = self.resolve(path, base)
+        self._copy(url.url, str(Path(local).absolute()), adler32=adler32, mode="target")
 
     def read_bytes(self, path: str, base: str | None = None) -> bytes:
         """The whole content of a small file (manifests, pointers)."""
@@ -263,6 +269,33 @@ class XRootDFileInterface(RemoteFileInterface):
             raise StorageError(f"server answered an unexpected checksum for {url}: {text!r}", str(url))
         return int(value, 16)
 
+    def compute_checksum(self, path: str, base: str | None = None, chunk: int = 16 << 20) -> int:
+        """adler32 of the bytes the server returns for ``path``, computed here.
+
+        Unlike ``checksum``, never an answer the server cached: XRootD keeps a file's
+        checksum in an extended attribute and reuses it while the mtime is unchanged,
+        so it does not see bytes that rotted on its disk.
+        """
+        from XRootD.client.flags import OpenFlags
+
+        url = self.resolve(path, base)
+        handle = _client().File()
+        status, _ = handle.open(url.url, OpenFlags.READ, timeout=self.timeout)
+        if not status.ok:
+            raise self._fail(status, "open", url)
+        try:
+            value, offset = 1, 0
+            while True:
+                status, data = handle.read(offset, chunk, timeout=self.timeout)
+                if not status.ok:
+                    raise self._fail(status, "read", url)
+                if not data:
+                    return value
+                value = zlib.adler32(data, value)
+                offset += len(data)
+        finally:
+            handle.close(timeout=self.timeout)
+
     def rename(self, src: str, dst: str, base: str | None = None) -> None:
         """Rename on the server; atomic within one server, replaces ``dst``."""
         src_url, dst_url = self.resolve(src, base), self.resolve(dst, base)
@@ -272,28 +305,37 @@ class XRootDFileInterface(RemoteFileInterface):
         if not status.ok:
             raise self._fail(status, f"rename to {dst_url}", src_url)
 
-    def _copy(self, src: str, dst: str, adler32: int | None = None, mkdir: bool = False) -> None:
+    def _copy(self, src: str, dst: str, adler32: int | None = None, mkdir: bool = False,
+              mode: str | None = None) -> dict:
         client = _client()
         process = client.CopyProcess()
         # inittimeout bounds connecting and opening (the default is 600 s).
         options = dict(force=True, mkdir=mkdir, inittimeout=self.timeout)
         if adler32 is not None:
-            # The server computes the checksum of what it stored and compares it with ours.
-            options.update(checksummode="target", checksumtype="adler32",
+            # The target's checksum (the server's for an upload, the client's of the local
+            # copy for a download) is compared with ours.
+            options.update(checksummode=mode or "target", checksumtype="adler32",
                            checksumpreset=f"{adler32:08x}")
+        elif mode == "end2end":
+            # The client computes the source's adler32 while sending; the server the target's.
+            options.update(checksummode="end2end", checksumtype="adler32")
         process.add_job(src, dst, **options)
-        status = process.prepare()
+        status, results = process.prepare(), None
         if status.ok:
             status, results = process.run()
             if status.ok and results and not results[0]["status"].ok:
                 status = results[0]["status"]
         if not status.ok:
             message = status.message.strip()
-            if status.errno in _XRD_PERMANENT:
-                error = StorageError
-            elif "checksum" in message.lower():
-                error = VerificationError
-            else:
-                error = StorageUnavailable
+            error = VerificationError if "checksum" in message.lower() else StorageUnavailable
             remote = dst if dst.startswith("root") else src
             raise error(f"XRootD copy {src} -> {dst} failed: {message}", remote)
+        return dict(results[0]) if results else {}
+
+
+def _parse_checksum(text, url) -> int:
+    """``"adler32:0a1b2c3d"`` (CopyProcess results) -> int."""
+    algorithm, _, value = str(text or "").partition(":")
+    if algorithm != "adler32" or not value:
+        raise VerificationError(f"no adler32 from the server after copying to {url}: {text!r}", str(url))
+    return int(value, 16)
