@@ -414,22 +414,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_arguments(parser)
     parser.set_defaults(func=run_history)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ckpt-tasks history", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from ckpt_tasks.errors import CkptTasksError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return run_history(args)
-    except (CkptTasksError, ValueError, OSError) as error:
-        print(f"ckpt-tasks history: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

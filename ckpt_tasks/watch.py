@@ -404,21 +404,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_arguments(parser)
     parser.set_defaults(func=run_watch)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ckpt-tasks watch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from ckpt_tasks.errors import CkptTasksError
-
-    try:
-        return run_watch(args)
-    except (CkptTasksError, ValueError, OSError) as error:
-        print(f"ckpt-tasks watch: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

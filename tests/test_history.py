@@ -225,7 +225,7 @@ def save_crafted(location: str, tmp_path: Path, monkeypatch, keep_last: int = 20
 
 def run_history(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "ckpt_tasks.history", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ckpt_tasks.cli", "history", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 

@@ -58,7 +58,7 @@ class Watch:
         self.workdir = workdir
         tag = uuid.uuid4().hex[:6]
         self.stdout, self.stderr = workdir / f"watch-{tag}.out", workdir / f"watch-{tag}.err"
-        argv = (python or [sys.executable, "-m", "ckpt_tasks.watch"]) + [
+        argv = (python or [sys.executable, "-m", "ckpt_tasks.cli", "watch"]) + [
             "--file", "state", "--target", target, "--interval", str(interval), "--deadline", "20",
             *options, "--", *command]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
@@ -241,8 +241,8 @@ SLOW_UPLOADS = textwrap.dedent("""\
         finally:
             with open(marks, "a") as f: f.write(f"end {time.time()}\\n")
     local.LocalFileInterface.upload = slow_upload
-    from ckpt_tasks import watch
-    sys.exit(watch.main(sys.argv[1:]))
+    from ckpt_tasks import cli
+    sys.exit(cli.main(["watch", *sys.argv[1:]]))
 """)
 
 
