@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import unavailable
+from waiting import wait_until
 from test_train_task import law_env, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,16 +78,6 @@ def condor_jobs(constraint: str = "true") -> list[dict]:
     out = pool("exec", f"condor_q -allusers -constraint '{constraint}' -json "
                        "-attributes ClusterId,ProcId,JobStatus,NumJobStarts,CheckpointNumber")
     return json.loads(out) if out.strip() else []
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def local_reference(tmp_path: Path, branch: int, *args: str) -> str:

@@ -17,30 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from waiting import default_signals, wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "examples" / "htcondor_example" / "run.sh"
 COUNTER = REPO / "examples" / "basic_usage" / "counter.py"
 CHECKPOINT_EXIT_CODE = 85
 TIMEOUT = 60
-
-
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def _default_signals() -> None:
-    # bash cannot trap a signal that was ignored when it started, and a test run
-    # started in the background by a non-interactive shell inherits SIGINT as
-    # ignored. HTCondor starts jobs with default dispositions; so do we.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Wrapper:
@@ -54,7 +37,7 @@ class Wrapper:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(["bash", str(RUN_SH), "--", *payload], cwd=workdir, env=env,
-                                         stdout=out, stderr=err, preexec_fn=_default_signals)
+                                         stdout=out, stderr=err, preexec_fn=default_signals)
 
     def finish(self, timeout: float = TIMEOUT) -> int:
         try:

@@ -19,29 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from waiting import default_signals, wait_until
+
 from ckpt_tasks import watch
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTER = REPO / "examples" / "watch_example" / "counter.sh"
 TIMEOUT = 60
-
-
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def _default_signals() -> None:
-    # A test run started in the background inherits SIGINT as ignored; HTCondor starts jobs
-    # with default dispositions.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _env() -> dict:
@@ -63,7 +48,7 @@ class Watch:
             *options, "--", *command]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(argv, cwd=workdir, env=_env(), stdout=out, stderr=err,
-                                         preexec_fn=_default_signals)
+                                         preexec_fn=default_signals)
 
     def out(self) -> str:
         return self.stdout.read_text()

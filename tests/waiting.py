@@ -1,0 +1,29 @@
+"""Small helpers shared by the subprocess tests."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; return that, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def default_signals() -> None:
+    """A ``preexec_fn`` giving a child default SIGINT/SIGTERM dispositions.
+
+    A test run started in the background by a non-interactive shell inherits SIGINT
+    as ignored, and bash cannot trap a signal ignored at its start; HTCondor starts
+    jobs with default dispositions, so the tests do too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
