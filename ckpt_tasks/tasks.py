@@ -121,6 +121,10 @@ class TaskCheckpointer(Checkpointer):
 
         self._committer.submit(step, commit)
 
+    def flush(self) -> None:
+        """Wait for the commit in flight; raise its error, if it failed."""
+        self._committer.wait()
+
     def _save_final(self, value: Any) -> None:
         deadline = time.monotonic() + self._stop_deadline
         try:
@@ -309,8 +313,14 @@ class CheckpointedTask(law.Task):
                 self.publish_message(f"no checkpoint at {store.location}; starting from scratch")
             self.train(state, session)
             session.close()
+            # A commit still in flight must not be cut off when the process ends.
+            checkpointer.flush()
             self.finish(state)
             self.publish_message(f"training complete after {state.step} steps")
         finally:
+            try:
+                checkpointer.flush()
+            except Exception as error:  # the task fails anyway; say what happened to the commit
+                logger.warning("the last background commit failed: %s", error)
             checkpointer.close()
             shutil.rmtree(workdir, ignore_errors=True)

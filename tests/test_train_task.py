@@ -162,8 +162,10 @@ def test_several_random_interruptions_end_bit_identical(tmp_path, uninterrupted)
         time.sleep(rng.uniform(0.1, 0.5))
         run.process.send_signal(signum)
         code = run.finish()
-        assert code in (85, -signal.SIGKILL, 0), run.output[-3000:]
-        if code == 0:
+        # After "training complete" the handlers are given back; a signal then just ends law.
+        done = "training complete" in run.output
+        assert code in (85, -signal.SIGKILL) or (done and code in (0, -signal.SIGTERM)), run.output[-3000:]
+        if done:
             break
     final = run_to_end(tmp_path, "--branch", "0", "--epochs", "3", "--checkpoint-every", "7")
     assert weights_digest(model_file(tmp_path, 0)) == uninterrupted, final.output[-2000:]
