@@ -44,6 +44,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_CHECKPOINT_FAILED = 1
 
 
+def exit_process(code: int) -> None:
+    """Leave at once with ``code``, after flushing logs and output.
+
+    For code run by luigi (law tasks): luigi catches SystemExit and would report a
+    failed task instead of passing the checkpoint exit code on.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _require_callable(name: str, value: Any) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}")
@@ -82,6 +94,8 @@ class Checkpointer:
         on_SIGTERM_prehook_kwargs: keyword arguments for the prehook.
         checkpoint_interval: also write and transfer in ``step`` when this many seconds
             passed since the last checkpoint (not in the seed; None: only ``checkpoint_every``).
+        handle_signals: install the SIGTERM/SIGINT handlers now (True, as the seed does), or
+            later with :meth:`install_signal_handlers` (for frameworks that install their own).
     """
 
     #: True: a signal is honoured only at the end of the next ``step`` (for values that
@@ -104,6 +118,7 @@ class Checkpointer:
         on_SIGTERM_prehook_kwargs: dict | None = None,
         *,
         checkpoint_interval: float | None = None,
+        handle_signals: bool = True,
     ):
         if not isinstance(local_checkpoint_file, (str, os.PathLike)) or not os.fspath(local_checkpoint_file):
             raise TypeError(f"local_checkpoint_file must be a non-empty str or Path, got {local_checkpoint_file!r}")
@@ -154,7 +169,8 @@ class Checkpointer:
         self._busy = 0  # >0 while a checkpoint is written, transferred or restored
         self._stop_signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
-        self._install_signal_handlers()
+        if handle_signals:
+            self.install_signal_handlers()
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -194,14 +210,27 @@ class Checkpointer:
         self.checkpoint_exit_code = spool.exit_code
         return spool
 
-    def _install_signal_handlers(self) -> None:
+    def install_signal_handlers(self) -> None:
+        """Take over SIGTERM and SIGINT, remembering the handlers in place, until :meth:`close`."""
+        if self._previous_handlers:
+            return
         # Python delivers signals to the main thread of the main process only.
         if multiprocessing.current_process().name != "MainProcess" \
                 or threading.current_thread() is not threading.main_thread():
-            logger.warning("Checkpointer created outside the main thread: SIGTERM/SIGINT are not handled")
+            logger.warning("Checkpointer used outside the main thread: SIGTERM/SIGINT are not handled")
             return
         for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM/SIGINT was recorded and not honoured yet."""
+        return self._stop_signal is not None
+
+    def stop_if_requested(self) -> None:
+        """At a consistent point: after a recorded signal, save the last checkpoint and exit."""
+        if self._stop_signal is not None and not self._busy:
+            self.on_SIGTERM(self._stop_signal)
 
     def close(self) -> None:
         """Give SIGTERM and SIGINT back to the handlers that were installed before."""
@@ -328,7 +357,7 @@ class Checkpointer:
             return
         self._stop_signal = signum
         if self._busy or self.defer_signals:
-            logger.info("%s received during a checkpoint; stopping once it is complete", name)
+            logger.info("%s received; stopping at the next consistent point", name)
             return
         self.on_SIGTERM(signum, frame)
 

@@ -40,7 +40,7 @@ import law
 import luigi
 
 from ckpt_tasks.async_checkpoint import BackgroundCommitter, Snapshotter
-from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.checkpointer import Checkpointer, exit_process
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
@@ -142,10 +142,7 @@ class TaskCheckpointer(Checkpointer):
                          self._state.step, self._stop_deadline, committed)
 
     def _exit(self, code: int) -> None:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_process(code)
 
 
 def checkpoint_metadata(state: TrainingState, reason: str) -> dict:
