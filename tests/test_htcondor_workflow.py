@@ -12,7 +12,6 @@ import pwd
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 

@@ -4,13 +4,9 @@ uninterrupted run; a remote XRootD store; the seed's signature; safe loading."""
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 from ckpt_tasks.errors import FingerprintMismatch  # noqa: E402
 from ckpt_tasks.storage.store import CheckpointStore  # noqa: E402
+from background_run import BackgroundRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "keras_example" / "train.py"
@@ -27,48 +24,14 @@ EPOCHS = "3"  # 23 batches of 64 per epoch: 69 steps
 TIMEOUT = 180
 
 
-class Run:
-    """The example running in the background; its output read line by line by a thread."""
+class Run(BackgroundRun):
+    """The example running in the background."""
+
+    timeout = TIMEOUT
 
     def __init__(self, store, output: Path, *args: str, cwd: Path):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", KERAS_BACKEND="torch",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(TRAIN), "--store", str(store), "--output", str(output), "--epochs", EPOCHS, *args],
-            cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if re.search(pattern, line):
-                return
-        self.proc.kill()
-        raise AssertionError(f"never saw {pattern!r}:\n" + self.output[-4000:])
-
-    def finish(self, timeout: float = TIMEOUT) -> int:
-        self.proc.wait(timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return self.proc.returncode
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+        super().__init__([sys.executable, str(TRAIN), "--store", str(store), "--output", str(output),
+                          "--epochs", EPOCHS, *args], cwd=cwd, env={"KERAS_BACKEND": "torch"})
 
     def steps(self) -> list[int]:
         return [int(m.group(1)) for line in self.lines if (m := re.match(r"batch \d+ step (\d+) ", line))]

@@ -2,14 +2,9 @@
 killed and resumed, compared with an uninterrupted run; the seed's signature; the law task."""
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import torch
 
 from ckpt_tasks.errors import CkptTasksError, FingerprintMismatch
 from ckpt_tasks.storage.store import CheckpointStore
+from background_run import BackgroundRun
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning_example"
@@ -26,48 +22,13 @@ EPOCHS = "3"  # 23 batches of 64 per epoch: 69 steps
 TIMEOUT = 120
 
 
-class Run:
-    """A script running in the background; its output read line by line by a thread."""
+class Run(BackgroundRun):
+    """A script of the example running in the background."""
+
+    timeout = TIMEOUT
 
     def __init__(self, *args: str, cwd: Path, env: dict | None = None):
-        environment = dict(os.environ, PYTHONUNBUFFERED="1",
-                           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        environment.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=environment, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
-        self.proc.kill()
-        raise AssertionError(f"never saw {pattern!r}:\n" + self.output[-4000:])
-
-    def finish(self, timeout: float = TIMEOUT) -> int:
-        self.proc.wait(timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return self.proc.returncode
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+        super().__init__([sys.executable, *args], cwd=cwd, env=env)
 
     def steps(self) -> list[tuple[int, int, int]]:
         """(epoch, batch, step) of every trained batch the example printed."""

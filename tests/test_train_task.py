@@ -98,7 +98,7 @@ def uninterrupted(tmp_path_factory) -> str:
 
 
 def test_first_run_trains_and_writes_model_and_checkpoints(tmp_path, uninterrupted):
-    run = run_to_end(tmp_path, *ARGS)
+    run_to_end(tmp_path, *ARGS)
     payload = torch.load(model_file(tmp_path, 0), weights_only=True)
     assert payload["steps"] == 135 and 0.5 < payload["test_accuracy"] <= 1.0
     assert weights_digest(model_file(tmp_path, 0)) == uninterrupted  # deterministic

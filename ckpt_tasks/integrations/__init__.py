@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from ckpt_tasks.checkpointer import Checkpointer, exit_process

@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.progress import transfer_progress
 from ckpt_tasks.storage.checksum import adler32_of_file
 
 
@@ -23,10 +24,12 @@ def _fsync_dir(directory: Path) -> None:
 def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: bool = False) -> int:
     """Copy ``src`` to ``dst`` in one pass and return the adler32 of the bytes copied."""
     value = 1
-    with open(src, "rb") as source, open(dst, "wb") as target:
+    with open(src, "rb") as source, open(dst, "wb") as target, \
+            transfer_progress(os.path.getsize(src), f"copy {Path(src).name}") as advance:
         while chunk := source.read(8 << 20):
             value = zlib.adler32(chunk, value)
             target.write(chunk)
+            advance(len(chunk))
         if sync:
             target.flush()
             os.fsync(target.fileno())

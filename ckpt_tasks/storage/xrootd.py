@@ -19,6 +19,7 @@ from pathlib import Path
 from law.target.remote.interface import RemoteFileInterface
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.progress import XRootDProgress
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 
 # kXR_NotFound: the only answer that means "this path does not exist".
@@ -322,7 +323,8 @@ class XRootDFileInterface(RemoteFileInterface):
         process.add_job(src, dst, **options)
         status, results = process.prepare(), None
         if status.ok:
-            status, results = process.run()
+            # A byte bar for long copies, only on a terminal.
+            status, results = process.run(XRootDProgress(f"xrootd {src.rsplit('/', 1)[-1]}"))
             if status.ok and results and not results[0]["status"].ok:
                 status = results[0]["status"]
         if not status.ok:
