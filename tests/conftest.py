@@ -6,6 +6,7 @@ and fails under CI (CI=true), where every server must be available.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -18,6 +19,15 @@ def unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"CI=true and a required server cannot start: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Checkpointers made in-process take over SIGTERM/SIGINT; no test leaves them to the next."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

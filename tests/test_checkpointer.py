@@ -28,14 +28,6 @@ def make(tmp_path, **kwargs) -> Checkpointer:
     return ckpt
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
-
-
 # -- construction: bad arguments raise at once, naming the parameter ------------------------
 
 @pytest.mark.parametrize("kwargs, parameter", [
