@@ -249,7 +249,12 @@ class XRootDFileInterface(RemoteFileInterface):
                 raise FileNotFoundError(f"no such file: {url}")
             raise self._fail(status, "open", url)
         try:
-            status, data = handle.read(timeout=self.timeout)
+            # An explicit size: read() without one stats the file inside the C extension,
+            # which crashed the process when the server went away between open and read.
+            status, info = handle.stat(timeout=self.timeout)
+            if not status.ok or info is None:
+                raise self._fail(status, "stat", url)
+            status, data = handle.read(0, info.size, timeout=self.timeout)
             if not status.ok:
                 raise self._fail(status, "read", url)
             return data
