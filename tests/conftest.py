@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 
 import pytest
 
@@ -57,3 +58,14 @@ def make_xrootd_server():
     yield make
     for server in servers:
         server.cleanup()
+
+
+@pytest.fixture(params=["local", "xrootd"])
+def location(request, tmp_path):
+    """A fresh store location on a local directory and on the real server:
+    (path or URL, the directory on disk behind it)."""
+    name = f"ckpt-{uuid.uuid4().hex[:8]}"
+    if request.param == "local":
+        return str(tmp_path / name), tmp_path / name
+    server = request.getfixturevalue("xrootd_server")
+    return f"{server.url}//runs/{name}", server.data_dir / "runs" / name

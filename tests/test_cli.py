@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 import zlib
 from pathlib import Path
 
@@ -13,21 +12,7 @@ import pytest
 
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 from store_writer import content_for
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("ckpt-tasks")  # the installed console script
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "ckpt_tasks.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(params=["local", "xrootd"])
-def location(request, tmp_path):
-    name = f"cli-{uuid.uuid4().hex[:8]}"
-    if request.param == "local":
-        return str(tmp_path / name), tmp_path / name
-    server = request.getfixturevalue("xrootd_server")
-    return f"{server.url}//cli/{name}", server.data_dir / "cli" / name
+from waiting import run_cli as cli
 
 
 @pytest.fixture

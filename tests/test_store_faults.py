@@ -30,6 +30,7 @@ from ckpt_tasks.storage.commit import PARTIAL_MARKER
 from conftest import IN_CI, unavailable
 from store_writer import content_for
 from xrootd_server import ServerUnavailable, XRootDServer, free_port
+from waiting import run_cli as cli
 
 WRITER = Path(__file__).with_name("store_writer.py")
 KILLS = int(os.environ.get("CKPT_TASKS_STRESS_KILLS", "30"))
@@ -38,22 +39,6 @@ DEADLINE = 3.0
 #: one attempt that began just before the deadline may still run: at most two calls
 #: (e.g. mkdir, then the stat that tells "exists" from "failed") of ceil(DEADLINE) s each
 ATTEMPT_SLACK = 2 * DEADLINE + 2.0
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("ckpt-tasks")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "ckpt_tasks.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(params=["local", "xrootd"])
-def location(request, tmp_path):
-    """(URL or path of a fresh store location, the directory on disk behind it)."""
-    name = f"ckpt-{uuid.uuid4().hex[:8]}"
-    if request.param == "local":
-        return str(tmp_path / name), tmp_path / name
-    server = request.getfixturevalue("xrootd_server")
-    return f"{server.url}//faults/{name}", server.data_dir / "faults" / name
 
 
 def assert_committed_only(store: CheckpointStore, on_disk: Path) -> list[Checkpoint]:

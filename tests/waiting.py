@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +30,10 @@ def default_signals() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``ckpt-tasks ARGS`` (the installed console script when there is one)."""
+    script = Path(sys.executable).with_name("ckpt-tasks")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ckpt_tasks.cli"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
