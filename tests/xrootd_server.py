@@ -1,7 +1,10 @@
 """A real XRootD server (Debian's ``xrootd-server``) on a free loopback port, for tests.
 
 ``xrootd`` refuses to run as root, so as root it runs as the ``xrootd`` user that
-the Debian package creates, in a directory that user owns.
+the Debian package creates, in a directory that user owns. It changes user through
+``setpriv`` rather than ``subprocess``'s ``user=``: with ``user=`` Python forks
+instead of vforking, which runs the XRootD client's fork handler in the test
+process (see ``ckpt_tasks/storage/xrootd_fork.py``).
 """
 from __future__ import annotations
 
@@ -61,9 +64,10 @@ class XRootDServer:
 
     def start(self, timeout: float = 20.0) -> "XRootDServer":
         command = ["xrootd", "-c", str(self.config), "-l", str(self.log), "-n", f"ckpt{self.port}"]
-        kwargs = {"user": self.user, "group": self.user} if self.user else {}
+        if self.user:
+            command = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", *command]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        start_new_session=True, **kwargs)
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -10,6 +10,7 @@ server's message.
 """
 from __future__ import annotations
 
+import functools
 import os
 import stat as stat_module
 import zlib
@@ -21,6 +22,7 @@ from law.target.remote.interface import RemoteFileInterface
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import XRootDProgress
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
+from ckpt_tasks.storage.xrootd_fork import FORK_GATE
 
 # kXR_NotFound: the only answer that means "this path does not exist".
 _XRD_NOT_FOUND = 3011
@@ -49,6 +51,15 @@ def _client():
                 client.EnvPutInt(key, value)
         _client.configured = True
     return client
+
+
+def _gated(method):
+    """Run ``method`` as one XRootD operation that a ``fork()`` waits for (see xrootd_fork)."""
+    @functools.wraps(method)
+    def gated(*args, **kwargs):
+        with FORK_GATE.operation():
+            return method(*args, **kwargs)
+    return gated
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class XRootDFileInterface(RemoteFileInterface):
     def _fail(status, what: str, url) -> StorageError:
         return StorageUnavailable(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
 
+    @_gated
     def _stat_url(self, url: XRootDURL):
         status, info = self._fs(url).stat(url.path, timeout=self.timeout)
         if status.ok:
@@ -132,6 +144,7 @@ class XRootDFileInterface(RemoteFileInterface):
         stat = stat or self.exists(path, stat=True, base=base)
         return bool(stat) and stat_module.S_ISREG(stat.st_mode)
 
+    @_gated
     def chmod(self, path, perm, base=None, silent=False, **kwargs):
         if perm is None:
             return True  # law passes None for "leave the permissions as they are"
@@ -148,6 +161,7 @@ class XRootDFileInterface(RemoteFileInterface):
             raise self._fail(status, "chmod", url)
         return status.ok
 
+    @_gated
     def unlink(self, path, base=None, silent=True, **kwargs):
         url = self.resolve(path, base)
         status, _ = self._fs(url).rm(url.path, timeout=self.timeout)
@@ -157,6 +171,7 @@ class XRootDFileInterface(RemoteFileInterface):
             return False
         raise self._fail(status, "rm", url)
 
+    @_gated
     def rmdir(self, path, base=None, silent=True, **kwargs):
         url = self.resolve(path, base)
         status, _ = self._fs(url).rmdir(url.path, timeout=self.timeout)
@@ -185,6 +200,7 @@ class XRootDFileInterface(RemoteFileInterface):
     def mkdir_rec(self, path, perm=0o755, base=None, **kwargs):
         return self._mkdir(path, base, recursive=True, silent=True)
 
+    @_gated
     def _mkdir(self, path, base, recursive: bool, silent: bool) -> bool:
         from XRootD.client.flags import MkDirFlags
 
@@ -198,6 +214,7 @@ class XRootDFileInterface(RemoteFileInterface):
             return False
         raise self._fail(status, "mkdir", url)
 
+    @_gated
     def listdir(self, path, base=None, **kwargs):
         url = self.resolve(path, base)
         status, listing = self._fs(url).dirlist(url.path, timeout=self.timeout)
@@ -237,6 +254,7 @@ class XRootDFileInterface(RemoteFileInterface):
         url = self.resolve(path, base)
         self._copy(url.url, str(Path(local).absolute()), adler32=adler32, mode="target")
 
+    @_gated
     def read_bytes(self, path: str, base: str | None = None) -> bytes:
         """The whole content of a small file (manifests, pointers)."""
         from XRootD.client.flags import OpenFlags
@@ -261,6 +279,7 @@ class XRootDFileInterface(RemoteFileInterface):
         finally:
             handle.close(timeout=self.timeout)
 
+    @_gated
     def checksum(self, path: str, base: str | None = None) -> int:
         """The server's adler32 of ``path``."""
         from XRootD.client.flags import QueryCode
@@ -275,6 +294,7 @@ class XRootDFileInterface(RemoteFileInterface):
             raise StorageError(f"server answered an unexpected checksum for {url}: {text!r}", str(url))
         return int(value, 16)
 
+    @_gated
     def compute_checksum(self, path: str, base: str | None = None, chunk: int = 16 << 20) -> int:
         """adler32 of the bytes the server returns for ``path``, computed here.
 
@@ -302,6 +322,7 @@ class XRootDFileInterface(RemoteFileInterface):
         finally:
             handle.close(timeout=self.timeout)
 
+    @_gated
     def rename(self, src: str, dst: str, base: str | None = None) -> None:
         """Rename on the server; atomic within one server, replaces ``dst``."""
         src_url, dst_url = self.resolve(src, base), self.resolve(dst, base)
@@ -311,6 +332,7 @@ class XRootDFileInterface(RemoteFileInterface):
         if not status.ok:
             raise self._fail(status, f"rename to {dst_url}", src_url)
 
+    @_gated
     def _copy(self, src: str, dst: str, adler32: int | None = None, mkdir: bool = False,
               mode: str | None = None) -> dict:
         client = _client()
