@@ -6,8 +6,7 @@ comes while a transfer runs, or while a worker thread is still tearing down a
 file that a transfer just closed, that handler and the worker wait for each
 other forever: the process hangs inside ``fork()``. Measured with the pip
 ``xrootd`` 5.9.9 and 6.2.1 clients: a loop that forks while another thread
-uploads hangs within the first forks (``benchmarks``-style reproducer in
-``tests/test_xrootd_fork.py``).
+uploads hangs within the first forks (``tests/test_xrootd_fork.py``).
 
 Trainings fork all the time: a ``DataLoader`` with workers forks them at every
 epoch, luigi forks a process per task with ``--workers N``. Turning the client's
