@@ -10,22 +10,31 @@ server's message.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 import stat as stat_module
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from law.target.remote.interface import RemoteFileInterface
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
-from ckpt_tasks.progress import XRootDProgress
+from ckpt_tasks.progress import XRootDProgress, transfer_progress
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 from ckpt_tasks.storage.xrootd_fork import FORK_GATE
 
 # kXR_NotFound: the only answer that means "this path does not exist".
 _XRD_NOT_FOUND = 3011
+
+# Checked downloads read in chunks of this size, this many at a time (as xrdcp does).
+_CHUNK = 8 << 20
+_READS_IN_FLIGHT = 4
 
 # The client's defaults wait minutes before giving up on a dead server
 # (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
@@ -247,37 +256,41 @@ class XRootDFileInterface(RemoteFileInterface):
                             mode="target" if adler32 is not None else "end2end")
         return adler32 if adler32 is not None else _parse_checksum(result.get("targetCheckSum"), url)
 
+    @_gated
     def download(self, path: str, local: str | os.PathLike, base: str | None = None,
                  adler32: int | None = None) -> None:
-        """Copy ``path`` from the server to a local file, overwriting; with ``adler32``, the
-        client checks the received bytes against it while writing them (VerificationError)."""
+        """Copy ``path`` from the server to a local file, overwriting.
+
+        With ``adler32`` the received bytes are checked against it (VerificationError
+        on a mismatch); the check runs while the next chunks are still on the wire, so
+        it costs next to no time over an unchecked copy.
+        """
         url = self.resolve(path, base)
-        self._copy(url.url, str(Path(local).absolute()), adler32=adler32, mode="target")
+        if adler32 is None:
+            self._copy(url.url, str(Path(local).absolute()))
+            return
+        value = 1
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with self._reading(url) as (handle, size), \
+                    transfer_progress(size, f"xrootd {url.path.rsplit('/', 1)[-1]}") as advance:
+                for data in self._chunks(handle, size, url, write_to=fd):
+                    value = zlib.adler32(data, value)
+                    advance(len(data))
+        finally:
+            os.close(fd)
+        if value != adler32:
+            raise VerificationError(f"downloaded {url}: adler32 {value:08x}, expected {adler32:08x}", str(url))
 
     @_gated
     def read_bytes(self, path: str, base: str | None = None) -> bytes:
         """The whole content of a small file (manifests, pointers)."""
-        from XRootD.client.flags import OpenFlags
-
         url = self.resolve(path, base)
-        handle = _client().File()
-        status, _ = handle.open(url.url, OpenFlags.READ, timeout=self.timeout)
-        if not status.ok:
-            if status.errno == _XRD_NOT_FOUND:
-                raise FileNotFoundError(f"no such file: {url}")
-            raise self._fail(status, "open", url)
-        try:
-            # An explicit size: read() without one stats the file inside the C extension,
-            # which crashed the process when the server went away between open and read.
-            status, info = handle.stat(timeout=self.timeout)
-            if not status.ok or info is None:
-                raise self._fail(status, "stat", url)
-            status, data = handle.read(0, info.size, timeout=self.timeout)
+        with self._reading(url) as (handle, size):
+            status, data = handle.read(0, size, timeout=self.timeout)
             if not status.ok:
                 raise self._fail(status, "read", url)
             return data
-        finally:
-            handle.close(timeout=self.timeout)
 
     @_gated
     def checksum(self, path: str, base: str | None = None) -> int:
@@ -295,32 +308,69 @@ class XRootDFileInterface(RemoteFileInterface):
         return int(value, 16)
 
     @_gated
-    def compute_checksum(self, path: str, base: str | None = None, chunk: int = 16 << 20) -> int:
+    def compute_checksum(self, path: str, base: str | None = None) -> int:
         """adler32 of the bytes the server returns for ``path``, computed here.
 
         Unlike ``checksum``, never an answer the server cached: XRootD keeps a file's
         checksum in an extended attribute and reuses it while the mtime is unchanged,
         so it does not see bytes that rotted on its disk.
         """
+        url = self.resolve(path, base)
+        value = 1
+        with self._reading(url) as (handle, size):
+            for data in self._chunks(handle, size, url):
+                value = zlib.adler32(data, value)
+        return value
+
+    @contextlib.contextmanager
+    def _reading(self, url: XRootDURL) -> Iterator[tuple[object, int]]:
+        """An open ``XRootD.client.File`` of ``url`` and its size; closed on exit."""
         from XRootD.client.flags import OpenFlags
 
-        url = self.resolve(path, base)
         handle = _client().File()
         status, _ = handle.open(url.url, OpenFlags.READ, timeout=self.timeout)
         if not status.ok:
+            if status.errno == _XRD_NOT_FOUND:
+                raise FileNotFoundError(f"no such file: {url}")
             raise self._fail(status, "open", url)
         try:
-            value, offset = 1, 0
-            while True:
-                status, data = handle.read(offset, chunk, timeout=self.timeout)
-                if not status.ok:
-                    raise self._fail(status, "read", url)
-                if not data:
-                    return value
-                value = zlib.adler32(data, value)
-                offset += len(data)
+            # Reads always name their size: read() without one stats the file inside the
+            # C extension, which crashed the process when the server went away meanwhile.
+            status, info = handle.stat(timeout=self.timeout)
+            if not status.ok or info is None:
+                raise self._fail(status, "stat", url)
+            yield handle, info.size
         finally:
             handle.close(timeout=self.timeout)
+
+    def _chunks(self, handle, size: int, url: XRootDURL, write_to: int | None = None) -> Iterator[bytes]:
+        """The file's bytes in order, with up to ``_READS_IN_FLIGHT`` reads on the wire.
+
+        With ``write_to`` (a file descriptor) each chunk is also written there at its
+        offset by the thread that read it, so writing, reading and the caller's
+        checksum all overlap.
+        """
+        def read(offset: int) -> bytes:
+            status, data = handle.read(offset, min(_CHUNK, size - offset), timeout=self.timeout)
+            if not status.ok:
+                raise self._fail(status, "read", url)
+            if write_to is not None and os.pwrite(write_to, data, offset) != len(data):
+                raise OSError(f"short write while downloading {url}")
+            return data
+
+        offsets = iter(range(0, size, _CHUNK))
+        with ThreadPoolExecutor(_READS_IN_FLIGHT, thread_name_prefix="xrootd-read") as pool:
+            pending = deque(pool.submit(read, offset) for offset in itertools.islice(offsets, _READS_IN_FLIGHT))
+            try:
+                while pending:
+                    data = pending.popleft().result()
+                    following = next(offsets, None)
+                    if following is not None:
+                        pending.append(pool.submit(read, following))
+                    yield data
+            finally:
+                for future in pending:
+                    future.cancel()
 
     @_gated
     def rename(self, src: str, dst: str, base: str | None = None) -> None:
