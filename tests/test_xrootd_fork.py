@@ -128,3 +128,41 @@ def test_nested_operations_and_a_fork_from_inside_one_do_not_wait_for_themselves
     # The gate is free again: a fork outside any operation goes through.
     gate.before_fork()
     gate.after_fork_in_parent()
+
+
+def test_a_dataloader_forking_workers_beside_async_xrootd_commits(tmp_path, xrootd_server):
+    # What a user's training does: a DataLoader forks its workers every epoch while
+    # the background thread commits checkpoints to XRootD. An end-to-end check; the
+    # hang itself is reproduced by the fork loop above (this run rarely hits the window).
+    out = run_script("""
+        import sys
+        from pathlib import Path
+        import torch
+        from ckpt_tasks.state import TrainingState
+        from ckpt_tasks.storage.store import CheckpointStore
+        from ckpt_tasks.tasks import TaskCheckpointer
+        from ckpt_tasks.transfer import StoreTransfer
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        state = TrainingState(model=model, optimizer=optimizer)
+        store = CheckpointStore(sys.argv[1] + "//dataloader", keep_last=2)
+        transfer = StoreTransfer(store, step_of=lambda: state.step, params={"test": 1})
+        ckpt = TaskCheckpointer(Path(sys.argv[2]), state, transfer, asynchronous=True, checkpoint_every=2)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 512))
+        for epoch in range(12):
+            loader = torch.utils.data.DataLoader(data, batch_size=16, num_workers=2)
+            for (batch,) in loader:
+                loss = model(batch).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                state.step += 1
+                ckpt.step(state)
+        ckpt.flush()
+        ckpt.close()
+        print(state.step, store.latest().step)
+        """, xrootd_server.url, str(tmp_path), timeout=150)
+    steps, committed = map(int, out.split())
+    # Every epoch ran, and the newest commit is no older than one checkpoint interval.
+    assert steps == 48 and 0 <= steps - committed < 2, out
