@@ -262,8 +262,8 @@ class XRootDFileInterface(RemoteFileInterface):
         """Copy ``path`` from the server to a local file, overwriting.
 
         With ``adler32`` the received bytes are checked against it (VerificationError
-        on a mismatch); the check runs while the next chunks are still on the wire, so
-        it costs next to no time over an unchecked copy.
+        on a mismatch); the check runs while the next chunks are still on the wire
+        (benchmarks/README.md has what it still costs against an unchecked xrdcp).
         """
         url = self.resolve(path, base)
         if adler32 is None:
