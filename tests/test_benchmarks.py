@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from waiting import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_benchmark(*args: str) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return run_python(*args, timeout=240, cwd=ROOT)
 
 
 @pytest.mark.usefixtures("xrootd_server")  # fails (not skips) in CI when xrootd cannot start

@@ -6,29 +6,19 @@ process so that a hang fails the test after a timeout instead of stopping the su
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from ckpt_tasks.storage.xrootd_fork import ForkGate
+from waiting import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(body: str, *args: str, timeout: float = 90) -> str:
-    script = textwrap.dedent(body)
-    try:
-        done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as hung:
-        pytest.fail(f"hung for {timeout} s: {hung.stdout} {hung.stderr}")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return run_python("-c", textwrap.dedent(body), *args, timeout=timeout, cwd=ROOT)
 
 
 def test_forks_while_another_thread_uploads_do_not_hang(tmp_path, xrootd_server):

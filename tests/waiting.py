@@ -37,3 +37,13 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("ckpt-tasks")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "ckpt_tasks.cli"]
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(*args: str, timeout: float = 120, cwd: Path | None = None) -> str:
+    """Run this interpreter with ``args``; its stdout, or fail the test on a hang or a non-zero exit."""
+    try:
+        done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"hung for {timeout} s: {hung.stdout} {hung.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
