@@ -42,6 +42,9 @@ from xrootd_server import XRootDServer  # noqa: E402
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy  # noqa: E402
 
 
+SETTLE_S = 2.0
+
+
 def timed(operation) -> float:
     start = time.perf_counter()
     operation()
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(pair) if repetition % 2 == 0 else list(reversed(pair))
                 for key in order:
                     os.sync()  # write back what the previous copy left dirty, outside the timing
+                    time.sleep(SETTLE_S)
                     times[key].append(timed(pair[key]))
             if args.only != "fetch":
                 checkpoint = store.latest()

@@ -4,12 +4,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import zlib
 from pathlib import Path
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import transfer_progress
-from ckpt_tasks.storage.checksum import adler32_of_file
+from ckpt_tasks.storage.checksum import adler32, adler32_of_file
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -27,7 +26,7 @@ def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: boo
     with open(src, "rb") as source, open(dst, "wb") as target, \
             transfer_progress(os.path.getsize(src), f"copy {Path(src).name}") as advance:
         while chunk := source.read(8 << 20):
-            value = zlib.adler32(chunk, value)
+            value = adler32(chunk, value)
             target.write(chunk)
             advance(len(chunk))
         if sync:

@@ -15,9 +15,8 @@ import functools
 import itertools
 import os
 import stat as stat_module
-import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +25,16 @@ from law.target.remote.interface import RemoteFileInterface
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import XRootDProgress, transfer_progress
+from ckpt_tasks.storage.checksum import adler32 as adler32_of
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 from ckpt_tasks.storage.xrootd_fork import FORK_GATE
 
 # kXR_NotFound: the only answer that means "this path does not exist".
 _XRD_NOT_FOUND = 3011
 
-# Checked downloads read in chunks of this size, this many at a time (as xrdcp does).
+# Uploads and checked downloads move chunks of this size, this many at a time (as xrdcp does).
 _CHUNK = 8 << 20
-_READS_IN_FLIGHT = 4
+_IN_FLIGHT = 4
 
 # The client's defaults wait minutes before giving up on a dead server
 # (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
@@ -244,17 +244,62 @@ class XRootDFileInterface(RemoteFileInterface):
 
     # -- what the commit protocol needs ------------------------------------------------------
 
+    @_gated
     def upload(self, local: str | os.PathLike, path: str, adler32: int | None = None,
                base: str | None = None) -> int:
         """Copy a local file to ``path``, overwriting, and return the adler32 the server verified.
 
-        The server computes the adler32 of what it stored and compares it with ``adler32``
-        or, without it, with the client's, computed while sending (no extra pass over the file).
+        Chunks go out ``_IN_FLIGHT`` at a time while the adler32 of the bytes sent is
+        computed beside them; after the close the server computes the adler32 of what
+        it stored, which must equal it (and ``adler32``, when given): no extra pass over
+        the local file, and never a copy that differs from what was sent.
         """
+        from XRootD.client.flags import OpenFlags
+
         url = self.resolve(path, base)
-        result = self._copy(str(Path(local).absolute()), url.url, adler32=adler32, mkdir=True,
-                            mode="target" if adler32 is not None else "end2end")
-        return adler32 if adler32 is not None else _parse_checksum(result.get("targetCheckSum"), url)
+        handle = _client().File()
+        # DELETE: create or truncate (the upload overwrites); MAKEPATH: create missing directories.
+        status, _ = handle.open(url.url, OpenFlags.DELETE | OpenFlags.MAKEPATH, timeout=self.timeout)
+        if not status.ok:
+            raise self._fail(status, "open for writing", url)
+        sent, closed = 1, False
+        try:
+            with open(local, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+
+                def send(offset: int) -> bytes:
+                    data = os.pread(source.fileno(), min(_CHUNK, size - offset), offset)
+                    status, _ = handle.write(data, offset, len(data), timeout=self.timeout)
+                    if not status.ok:
+                        raise self._fail(status, "write", url)
+                    return data
+
+                with transfer_progress(size, f"xrootd {url.path.rsplit('/', 1)[-1]}") as advance:
+                    for data in self._pipelined(send, size, "xrootd-write"):
+                        sent = adler32_of(data, sent)
+                        advance(len(data))
+            closed = True
+            status, _ = handle.close(timeout=self.timeout)
+            if not status.ok:
+                raise self._fail(status, "close after writing", url)
+        finally:
+            if not closed:
+                handle.close(timeout=self.timeout)
+        # The server acknowledges a write that its disk cut short (a full disk returns a
+        # short count, not an error, and the server passed that on as success in 5.5.3).
+        info = self._stat_url(url)
+        stored_size = info.size if info is not None else 0
+        if stored_size != size:
+            raise StorageUnavailable(
+                f"the server stored only {stored_size} of {size} bytes of {url} and reported no error "
+                f"(no space left on its disk?)", str(url))
+        expected = sent if adler32 is None else adler32
+        stored = self.checksum(url.path)
+        if stored != expected or sent != expected:
+            raise VerificationError(
+                f"checksum mismatch after uploading {url}: the server's adler32 is {stored:08x}, "
+                f"the bytes sent {sent:08x}, expected {expected:08x}", str(url))
+        return stored
 
     @_gated
     def download(self, path: str, local: str | os.PathLike, base: str | None = None,
@@ -275,7 +320,7 @@ class XRootDFileInterface(RemoteFileInterface):
             with self._reading(url) as (handle, size), \
                     transfer_progress(size, f"xrootd {url.path.rsplit('/', 1)[-1]}") as advance:
                 for data in self._chunks(handle, size, url, write_to=fd):
-                    value = zlib.adler32(data, value)
+                    value = adler32_of(data, value)
                     advance(len(data))
         finally:
             os.close(fd)
@@ -319,7 +364,7 @@ class XRootDFileInterface(RemoteFileInterface):
         value = 1
         with self._reading(url) as (handle, size):
             for data in self._chunks(handle, size, url):
-                value = zlib.adler32(data, value)
+                value = adler32_of(data, value)
         return value
 
     @contextlib.contextmanager
@@ -344,7 +389,7 @@ class XRootDFileInterface(RemoteFileInterface):
             handle.close(timeout=self.timeout)
 
     def _chunks(self, handle, size: int, url: XRootDURL, write_to: int | None = None) -> Iterator[bytes]:
-        """The file's bytes in order, with up to ``_READS_IN_FLIGHT`` reads on the wire.
+        """The file's bytes in order, with up to ``_IN_FLIGHT`` reads on the wire.
 
         With ``write_to`` (a file descriptor) each chunk is also written there at its
         offset by the thread that read it, so writing, reading and the caller's
@@ -358,15 +403,21 @@ class XRootDFileInterface(RemoteFileInterface):
                 raise OSError(f"short write while downloading {url}")
             return data
 
+        return self._pipelined(read, size, "xrootd-read")
+
+    @staticmethod
+    def _pipelined(transfer: Callable[[int], bytes], size: int, name: str) -> Iterator[bytes]:
+        """``transfer(offset)`` for each ``_CHUNK`` of ``size`` bytes, ``_IN_FLIGHT`` at a
+        time on worker threads (the client releases the GIL); the chunks come back in order."""
         offsets = iter(range(0, size, _CHUNK))
-        with ThreadPoolExecutor(_READS_IN_FLIGHT, thread_name_prefix="xrootd-read") as pool:
-            pending = deque(pool.submit(read, offset) for offset in itertools.islice(offsets, _READS_IN_FLIGHT))
+        with ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix=name) as pool:
+            pending = deque(pool.submit(transfer, offset) for offset in itertools.islice(offsets, _IN_FLIGHT))
             try:
                 while pending:
                     data = pending.popleft().result()
                     following = next(offsets, None)
                     if following is not None:
-                        pending.append(pool.submit(read, following))
+                        pending.append(pool.submit(transfer, following))
                     yield data
             finally:
                 for future in pending:
@@ -383,20 +434,11 @@ class XRootDFileInterface(RemoteFileInterface):
             raise self._fail(status, f"rename to {dst_url}", src_url)
 
     @_gated
-    def _copy(self, src: str, dst: str, adler32: int | None = None, mkdir: bool = False,
-              mode: str | None = None) -> dict:
-        client = _client()
-        process = client.CopyProcess()
+    def _copy(self, src: str, dst: str) -> None:
+        """An unchecked copy by the client's own copy engine (law's ``filecopy``, plain downloads)."""
+        process = _client().CopyProcess()
         # inittimeout bounds connecting and opening (the default is 600 s).
-        options = dict(force=True, mkdir=mkdir, inittimeout=self.timeout)
-        if adler32 is not None:
-            # The target's checksum (the server's for an upload, the client's of the local
-            # copy for a download) is compared with ours.
-            options.update(checksummode=mode or "target", checksumtype="adler32",
-                           checksumpreset=f"{adler32:08x}")
-        elif mode == "end2end":
-            # The client computes the source's adler32 while sending; the server the target's.
-            options.update(checksummode="end2end", checksumtype="adler32")
+        options = dict(force=True, inittimeout=self.timeout)
         process.add_job(src, dst, **options)
         status, results = process.prepare(), None
         if status.ok:
@@ -405,16 +447,6 @@ class XRootDFileInterface(RemoteFileInterface):
             if status.ok and results and not results[0]["status"].ok:
                 status = results[0]["status"]
         if not status.ok:
-            message = status.message.strip()
-            error = VerificationError if "checksum" in message.lower() else StorageUnavailable
             remote = dst if dst.startswith("root") else src
-            raise error(f"XRootD copy {src} -> {dst} failed: {message}", remote)
-        return dict(results[0]) if results else {}
+            raise StorageUnavailable(f"XRootD copy {src} -> {dst} failed: {status.message.strip()}", remote)
 
-
-def _parse_checksum(text, url) -> int:
-    """``"adler32:0a1b2c3d"`` (CopyProcess results) -> int."""
-    algorithm, _, value = str(text or "").partition(":")
-    if algorithm != "adler32" or not value:
-        raise VerificationError(f"no adler32 from the server after copying to {url}: {text!r}", str(url))
-    return int(value, 16)
