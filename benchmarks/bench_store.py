@@ -42,7 +42,7 @@ from xrootd_server import XRootDServer  # noqa: E402
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy  # noqa: E402
 
 
-SETTLE_S = 2.0
+SETTLE_S = 1.0
 
 
 def timed(operation) -> float:

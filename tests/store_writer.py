@@ -3,7 +3,7 @@
 As a module it gives ``content_for(step)``, the bytes a writer commits for a step,
 so a test can check what it restores. As a script::
 
-    python store_writer.py LOCATION --start auto|N --stride K --count N --keep-last N
+    python store_writer.py LOCATION --start auto|N --stride K --count N --keep-last N [--part-size B]
 
 saves checkpoints with steps start, start+stride, ... (``--count 0``: forever),
 ``--start auto`` resuming after the highest committed step like an evicted
@@ -21,6 +21,8 @@ from pathlib import Path
 
 MIN_SIZE = 200_000
 MAX_SIZE = 3_000_000
+#: so that about two thirds of the checkpoints go up in parts, the rest as one file
+PART_SIZE = 1_000_000
 
 
 def content_for(step: int, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE) -> bytes:
@@ -39,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=30.0)
     parser.add_argument("--min-size", type=int, default=MIN_SIZE)
     parser.add_argument("--max-size", type=int, default=MAX_SIZE)
+    parser.add_argument("--part-size", type=int, default=PART_SIZE)
     parser.add_argument("--workdir", help="where the local state file is written (default: a new temp dir)")
     args = parser.parse_args(argv)
 
     from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 
-    store = CheckpointStore(args.location, keep_last=args.keep_last,
+    store = CheckpointStore(args.location, keep_last=args.keep_last, part_size=args.part_size,
                             retry=RetryPolicy(deadline=args.deadline, initial_delay=0.2))
     if args.start == "auto":
         latest = store.latest()

@@ -7,7 +7,9 @@ wrote is also checked on the disk behind it (``on_disk``).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import stat as stat_module
 import subprocess
 import sys
@@ -19,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_tasks.errors import StorageError, StorageUnavailable
+from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy, XRootDFileInterface
+from ckpt_tasks.storage.checksum import adler32_combine
 from ckpt_tasks.storage.store import LATEST
 from store_writer import content_for
 from xrootd_server import free_port
@@ -91,6 +94,59 @@ def test_save_list_latest_fetch_verify_restore(location, tmp_path):
 
     # a second store object (another process's view) sees the same checkpoints
     assert CheckpointStore(location.url, retry=FAST).list() == listed
+
+
+def test_large_checkpoints_go_up_in_parts(location, tmp_path):
+    store = location.store(part_size=1000, keep_last=1)
+    data = content_for(3)[:3500]
+    (tmp_path / "big.bin").write_bytes(data)
+    checkpoint = store.save(tmp_path / "big.bin", 3)
+    stem = checkpoint.name[:-len(".ckpt")]
+    assert [(p.name, p.size) for p in checkpoint.parts] == [
+        (f"{stem}.ckpt.{k:04d}", size) for k, size in enumerate((1000, 1000, 1000, 500))]
+    # each part as the storage verified it, and the whole checkpoint's adler32 combined from them
+    assert [p.adler32 for p in checkpoint.parts] == [
+        f"{zlib.adler32(data[k * 1000:(k + 1) * 1000]):08x}" for k in range(4)]
+    assert checkpoint.adler32 == f"{zlib.adler32(data):08x}" and checkpoint.size == 3500
+    manifest = json.loads((location.on_disk / checkpoint.manifest_name).read_text())
+    assert [p["name"] for p in manifest["parts"]] == [p.name for p in checkpoint.parts]
+    assert location.names() == sorted([LATEST, checkpoint.manifest_name] + [p.name for p in checkpoint.parts])
+    assert store.list() == [checkpoint] and store.verify() == checkpoint
+    assert store.fetch(checkpoint, tmp_path / "fetched.bin").read_bytes() == data
+    assert store.restore(tmp_path / "restored.bin") == checkpoint
+    assert (tmp_path / "restored.bin").read_bytes() == data
+
+    # exactly one part's worth is one file; retention removes every part of the older one
+    (tmp_path / "small.bin").write_bytes(data[:1000])
+    small = store.save(tmp_path / "small.bin", 4)
+    assert small.parts == () and small.data_files[0].path == small.path
+    assert location.names() == sorted([LATEST, small.name, small.manifest_name])
+
+
+def test_a_corrupt_part_is_found_and_the_previous_checkpoint_used(location, tmp_path, caplog):
+    store = location.store(part_size=1000, keep_last=3)
+    first = store.save(make_file(tmp_path, 1, 2500), 1)
+    second = store.save(make_file(tmp_path, 2, 2500), 2)
+    middle = location.on_disk / second.parts[1].name
+    flipped = bytearray(middle.read_bytes())
+    flipped[10] ^= 0x01
+    middle.write_bytes(bytes(flipped))
+    with pytest.raises(VerificationError, match=f"step 2 .*{second.parts[1].name}"):
+        store.verify()
+    store.verify(first)
+    caplog.set_level(logging.WARNING, logger="ckpt_tasks")
+    assert store.restore(tmp_path / "restored.bin") == first
+    assert (tmp_path / "restored.bin").read_bytes() == content_for(1)[:2500]
+    assert "skipping checkpoint of step 2" in caplog.text
+
+
+def test_adler32_combine_matches_zlib():
+    rng = random.Random(5)
+    for _ in range(300):
+        first, second = rng.randbytes(rng.randint(0, 5000)), rng.randbytes(rng.choice([0, 1, 65521, 70000, 333]))
+        assert adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second)) == zlib.adler32(first + second)
+    ones = b"\xff" * 300_000  # sums that wrap the modulus many times
+    assert adler32_combine(zlib.adler32(ones), zlib.adler32(ones), len(ones)) == zlib.adler32(ones + ones)
 
 
 def test_manifest_fields(location, tmp_path):
@@ -310,6 +366,12 @@ def test_single_slash_url_is_the_same_absolute_path(xrootd_server, tmp_path):
     checkpoint = a.save(make_file(tmp_path, 1, 100), 1)
     assert b.list() == [checkpoint]
     assert (xrootd_server.data_dir / name / checkpoint.name).exists()
+
+
+@pytest.mark.parametrize("part_size", [0, -1, 1.5, "1"])
+def test_bad_part_size(tmp_path, part_size):
+    with pytest.raises(ValueError, match="part_size"):
+        CheckpointStore(tmp_path, part_size=part_size)
 
 
 @pytest.mark.parametrize("keep", [{"keep_last": 0}, {"keep_last": "3"}, {"keep_every": 0}])

@@ -10,9 +10,24 @@ import os
 
 from zlib_ng.zlib_ng import adler32
 
-__all__ = ["adler32", "adler32_of_file"]
+__all__ = ["adler32", "adler32_combine", "adler32_of_file"]
 
 _CHUNK = 8 << 20
+_MOD = 65521  # the largest prime below 2**16
+
+
+def adler32_combine(first: int, second: int, second_length: int) -> int:
+    """The adler32 of two byte strings joined, from their adler32s and the second's length.
+
+    adler32 keeps two sums mod 65521: A = 1 + the bytes' sum, B = the sum of the A
+    values after each byte. Appending ``n`` bytes adds their A - 1 to A, and adds
+    their B plus ``n`` times (the first's A - 1) to B.
+    """
+    a1, b1 = first & 0xFFFF, first >> 16
+    a2, b2 = second & 0xFFFF, second >> 16
+    a = (a1 + a2 - 1) % _MOD
+    b = (b1 + b2 + second_length * (a1 - 1)) % _MOD
+    return (b << 16) | a
 
 
 def adler32_of_file(path: str | os.PathLike) -> tuple[int, int]:

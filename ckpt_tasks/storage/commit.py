@@ -34,7 +34,7 @@ PARTIAL_MARKER = ".partial-"
 class FileInterface(Protocol):
     """What ``publish_file`` needs from a storage (local directory or XRootD)."""
 
-    def upload(self, local, path, adler32: int | None = None) -> int: ...
+    def upload(self, local, path, adler32: int | None = None, span: tuple[int, int] | None = None) -> int: ...
     def stat(self, path): ...
     def rename(self, src, dst) -> None: ...
     def remove(self, path, silent: bool = True) -> bool: ...
@@ -66,15 +66,17 @@ def _remove_quietly(files: FileInterface, temporary: str) -> None:
         logger.warning("could not remove temporary file %s: %s", temporary, cleanup_error)
 
 
-def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike) -> PublishedFile:
-    """Publish ``local`` at ``dest`` on ``files``, complete or not at all."""
+def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike,
+                 span: tuple[int, int] | None = None) -> PublishedFile:
+    """Publish ``local`` (or its ``span``, ``(offset, length)``) at ``dest`` on ``files``,
+    complete or not at all."""
     local = Path(local)
-    size = local.stat().st_size
+    size = span[1] if span is not None else local.stat().st_size
     temporary = temporary_name(dest)
     try:
         # The storage checks what it stored against the adler32 of the bytes sent, which
         # the upload computes while sending them: no separate pass over the file.
-        adler32 = files.upload(local, temporary)
+        adler32 = files.upload(local, temporary, span=span)
         stored_size = files.stat(temporary).st_size
         if stored_size != size:
             raise VerificationError(

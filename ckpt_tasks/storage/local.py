@@ -20,15 +20,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: bool = False) -> int:
-    """Copy ``src`` to ``dst`` in one pass and return the adler32 of the bytes copied."""
+def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: bool = False,
+                       span: tuple[int, int] | None = None, at: int | None = None) -> int:
+    """Copy ``src`` (or its ``span``, ``(offset, length)``) to ``dst`` in one pass and return
+    the adler32 of the bytes copied. With ``at`` they go to that offset of the existing ``dst``."""
     value = 1
-    with open(src, "rb") as source, open(dst, "wb") as target, \
-            transfer_progress(os.path.getsize(src), f"copy {Path(src).name}") as advance:
-        while chunk := source.read(8 << 20):
-            value = adler32(chunk, value)
-            target.write(chunk)
-            advance(len(chunk))
+    with open(src, "rb") as source, open(dst, "wb" if at is None else "r+b") as target:
+        offset, left = span if span is not None else (0, os.fstat(source.fileno()).st_size)
+        source.seek(offset)
+        target.seek(at or 0)
+        with transfer_progress(left, f"copy {Path(src).name}") as advance:
+            while left and (chunk := source.read(min(8 << 20, left))):
+                value = adler32(chunk, value)
+                target.write(chunk)
+                advance(len(chunk))
+                left -= len(chunk)
+        if left:
+            raise OSError(errno.EIO, f"{src} ended {left} bytes early")
         if sync:
             target.flush()
             os.fsync(target.fileno())
@@ -80,12 +88,14 @@ class LocalFileInterface:
             raise StorageError(f"cannot remove {path}: {error.strerror}", str(path)) from error
         return True
 
-    def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None) -> int:
-        """Copy ``local`` to ``path`` durably, re-read what was stored and verify it against
-        ``adler32`` or, without it, the source's adler32 computed while copying; return it."""
+    def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None,
+               span: tuple[int, int] | None = None) -> int:
+        """Copy ``local`` (or its ``span``, ``(offset, length)``) to ``path`` durably, re-read what
+        was stored and verify it against ``adler32`` or, without it, the adler32 computed while
+        copying; return it."""
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            sent = _copy_with_adler32(local, path, sync=True)
+            sent = _copy_with_adler32(local, path, sync=True, span=span)
         except OSError as error:
             kind = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
             raise StorageError(f"cannot write {path}: {kind}", str(path)) from error
@@ -96,10 +106,12 @@ class LocalFileInterface:
                 f"adler32 of {path} is {stored:08x} after writing, expected {expected:08x}", str(path))
         return expected
 
-    def download(self, path: str | os.PathLike, local: str | os.PathLike, adler32: int | None = None) -> None:
-        """Copy ``path`` to ``local``; with ``adler32``, check the bytes while copying them."""
+    def download(self, path: str | os.PathLike, local: str | os.PathLike, adler32: int | None = None,
+                 at: int | None = None) -> None:
+        """Copy ``path`` to ``local`` (with ``at``, to that offset of the existing ``local``);
+        with ``adler32``, check the bytes while copying them."""
         try:
-            received = _copy_with_adler32(path, local)
+            received = _copy_with_adler32(path, local, at=at)
         except OSError as error:
             raise StorageError(f"cannot copy {path} to {local}: {error.strerror}", str(path)) from error
         if adler32 is not None and received != adler32:

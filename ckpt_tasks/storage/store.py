@@ -4,18 +4,25 @@ Layout of a location (a local directory or ``root://host:port//path``)::
 
     step-000000000120-1a2b3c4d.ckpt    the checkpoint, immutable once renamed into place
     step-000000000120-1a2b3c4d.json    its manifest: step, size, adler32, created, metadata
+    step-000000000240-5e6f7a8b.ckpt.0000, .0001, ...
+                                       a checkpoint larger than ``part_size``, in parts
+    step-000000000240-5e6f7a8b.json    its manifest lists the parts (name, size, adler32)
     LATEST                             pointer to the newest manifest
 
 Commit protocol of ``save`` (DESIGN.md, "Complete or absent"): publish the data
 (temporary name, size and adler32 checked, rename), then publish the manifest
 the same way, and only then move ``LATEST``. A checkpoint without a manifest
-does not exist for readers. Each writer adds a random tag to the names, so two
+does not exist for readers. A large checkpoint goes up in parts, each published
+(and verified by the storage) on its own, two at a time: the server's adler32
+pass over one part overlaps the upload of the next, where one whole file would
+make the save wait for a full second pass over every byte. Each writer adds a random tag to the names, so two
 writers (a duplicate job) never overwrite each other's files; readers take the
 highest committed step, whatever ``LATEST`` says, so a race between two writers
 cannot move resumption backwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,14 +32,16 @@ import re
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.lineage import lineage
-from ckpt_tasks.storage.commit import PARTIAL_MARKER, publish_file, temporary_name
+from ckpt_tasks.storage.checksum import adler32_combine
+from ckpt_tasks.storage.commit import PARTIAL_MARKER, PublishedFile, publish_file, temporary_name
 from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
 from ckpt_tasks.storage.xrootd import XRootDFileInterface
@@ -44,8 +53,31 @@ T = TypeVar("T")
 LATEST = "LATEST"
 MANIFEST_VERSION = 1
 _NAME_RE = re.compile(r"^step-(?P<step>\d{12})-(?P<tag>[0-9a-f]{8})\.json$")
+_DATA_RE = re.compile(r"^(?P<stem>step-\d{12}-[0-9a-f]{8})\.ckpt(\.\d{4})?$")
+#: checkpoints larger than this are stored in parts of this size (CheckpointStore's default)
+PART_SIZE = 128 << 20
+# Parts published at once: one uploading while the storage checks the previous one.
+_PARTS_IN_FLIGHT = 2
 #: temporary files older than this belong to dead writers and are removed by retention
 STALE_PARTIAL_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file of a checkpoint stored in parts."""
+
+    name: str  # e.g. "step-000000000240-5e6f7a8b.ckpt.0001"
+    size: int
+    adler32: str  # 8 hex digits
+
+
+class DataFile(NamedTuple):
+    """Where a stored file's bytes go in the checkpoint: path, offset, size and adler32."""
+
+    path: str
+    offset: int
+    size: int
+    adler32: str
 
 
 @dataclass(frozen=True)
@@ -55,14 +87,27 @@ class Checkpoint:
     step: int
     name: str  # file name of the data, e.g. "step-000000000120-1a2b3c4d.ckpt"
     size: int
-    adler32: str  # 8 hex digits, as XRootD prints it
+    adler32: str  # 8 hex digits, as XRootD prints it, of the whole checkpoint
     created: str  # ISO 8601, UTC
-    path: str  # full path or URL of the data file
+    path: str  # full path or URL of the data file (of the first part's name without its suffix)
     metadata: dict = field(default_factory=dict)
+    parts: tuple[Part, ...] = ()  # empty: the data is the single file ``name``
 
     @property
     def manifest_name(self) -> str:
         return self.name.rsplit(".", 1)[0] + ".json"
+
+    @property
+    def data_files(self) -> list[DataFile]:
+        """The stored files that hold this checkpoint, in order."""
+        if not self.parts:
+            return [DataFile(self.path, 0, self.size, self.adler32)]
+        directory = self.path.rsplit("/", 1)[0]
+        files, offset = [], 0
+        for part in self.parts:
+            files.append(DataFile(f"{directory}/{part.name}", offset, part.size, part.adler32))
+            offset += part.size
+        return files
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -99,14 +144,19 @@ class CheckpointStore:
         keep_last: how many of the newest checkpoints retention keeps.
         keep_every: also keep every checkpoint whose step is a multiple of this.
         retry: how long transient storage errors are retried.
+        part_size: checkpoints larger than this many bytes are stored in parts of this
+            size (None: always one file).
     """
 
     def __init__(self, location: str | os.PathLike, keep_last: int = 3, keep_every: int | None = None,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, part_size: int | None = PART_SIZE):
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise ValueError(f"keep_every must be None or an integer >= 1, got {keep_every!r}")
+        if part_size is not None and (not isinstance(part_size, int) or part_size < 1):
+            raise ValueError(f"part_size must be None or an integer >= 1, got {part_size!r}")
+        self.part_size = part_size
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.retry = retry or RetryPolicy()
@@ -141,20 +191,53 @@ class CheckpointStore:
         metadata.setdefault("lineage", lineage(step=step, loss=metadata.get("loss")))
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
         self.retry.run(lambda: self.files.mkdir_rec(self.root), f"creating {self.root}")
-        # The manifest records the size and the adler32 that the storage verified while publishing.
-        published = self.retry.run(lambda: publish_file(self.files, path, self._path(f"{stem}.ckpt")),
-                                   f"uploading {self._path(f'{stem}.ckpt')}")
-        size = published.size
+        size = path.stat().st_size
+        # The manifest records the sizes and the adler32s that the storage verified while publishing.
+        if self.part_size is None or size <= self.part_size:
+            published = self.retry.run(lambda: publish_file(self.files, path, self._path(f"{stem}.ckpt")),
+                                       f"uploading {self._path(f'{stem}.ckpt')}")
+            adler32, parts = published.adler32, ()
+        else:
+            published_parts = self._publish_parts(path, stem, size)
+            adler32 = published_parts[0].adler32
+            for part in published_parts[1:]:
+                adler32 = adler32_combine(adler32, part.adler32, part.size)
+            parts = tuple(Part(p.path.rsplit("/", 1)[-1], p.size, f"{p.adler32:08x}") for p in published_parts)
         checkpoint = Checkpoint(
-            step=step, name=f"{stem}.ckpt", size=size, adler32=f"{published.adler32:08x}",
+            step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
             created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            path=published.path, metadata=dict(metadata or {}))
+            path=self._path(f"{stem}.ckpt"), metadata=dict(metadata or {}), parts=parts)
         manifest = {"version": MANIFEST_VERSION, **checkpoint.to_json()}
         self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
         self._advance_latest(checkpoint)
         logger.info("committed checkpoint of step %d to %s (%d bytes)", step, checkpoint.path, size)
         self.apply_retention()
         return checkpoint
+
+    def _publish_parts(self, path: Path, stem: str, size: int) -> list[PublishedFile]:
+        """Publish ``path`` as parts of ``part_size`` bytes, ``_PARTS_IN_FLIGHT`` at a time.
+
+        All or none: when a part fails for good, the parts already published are removed.
+        """
+        spans = [(offset, min(self.part_size, size - offset)) for offset in range(0, size, self.part_size)]
+
+        def publish(index: int) -> PublishedFile:
+            dest = self._path(f"{stem}.ckpt.{index:04d}")
+            return self.retry.run(lambda: publish_file(self.files, path, dest, span=spans[index]),
+                                  f"uploading {dest}")
+
+        with ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="ckpt-part") as pool:
+            futures = [pool.submit(publish, index) for index in range(len(spans))]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                for future in futures:
+                    if not future.cancelled() and future.exception() is None:
+                        with contextlib.suppress(StorageError):  # else an orphan, removed by retention later
+                            self.files.remove(future.result().path, silent=True)
+                raise
 
     def _publish_text(self, name: str, text: str) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
@@ -211,6 +294,7 @@ class CheckpointStore:
             fields = json.loads(data)
             fields.pop("version", None)
             fields["path"] = self._path(fields["name"])  # the location may have been moved
+            fields["parts"] = tuple(Part(**part) for part in fields.get("parts", ()))
             return Checkpoint(**fields)
         except (ValueError, TypeError, KeyError) as error:
             logger.warning("manifest %s is unreadable (%s); ignoring it", self._path(name), error)
@@ -229,22 +313,29 @@ class CheckpointStore:
         checkpoint = checkpoint or self.latest()
         if checkpoint is None:
             raise StorageError(f"no checkpoint to verify at {self.root}", self.root)
+        if sum(data.size for data in checkpoint.data_files) != checkpoint.size:
+            raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not add up to "
+                                    f"the {checkpoint.size} bytes its manifest says", checkpoint.path)
+        for data in checkpoint.data_files:
+            self._verify_data_file(checkpoint, data)
+        return checkpoint
+
+    def _verify_data_file(self, checkpoint: Checkpoint, data: DataFile) -> None:
         try:
-            size = self.retry.run(lambda: self.files.stat(checkpoint.path).st_size, f"stat {checkpoint.path}")
+            size = self.retry.run(lambda: self.files.stat(data.path).st_size, f"stat {data.path}")
         except StorageError as error:
             if isinstance(error, StorageUnavailable):
                 raise
             raise VerificationError(f"checkpoint of step {checkpoint.step} is missing: {error}",
-                                    checkpoint.path) from error
-        if size != checkpoint.size:
-            raise VerificationError(f"checkpoint of step {checkpoint.step} has {size} bytes, its manifest "
-                                    f"says {checkpoint.size}", checkpoint.path)
+                                    data.path) from error
+        if size != data.size:
+            raise VerificationError(f"checkpoint of step {checkpoint.step} has {size} bytes in {data.path}, "
+                                    f"its manifest says {data.size}", data.path)
         # Read the data back: a checksum the server cached would not see bytes rotted on its disk.
-        stored = self.retry.run(lambda: self.files.compute_checksum(checkpoint.path), f"checksum {checkpoint.path}")
-        if f"{stored:08x}" != checkpoint.adler32:
-            raise VerificationError(f"checkpoint of step {checkpoint.step} has adler32 {stored:08x}, its "
-                                    f"manifest says {checkpoint.adler32}", checkpoint.path)
-        return checkpoint
+        stored = self.retry.run(lambda: self.files.compute_checksum(data.path), f"checksum {data.path}")
+        if f"{stored:08x}" != data.adler32:
+            raise VerificationError(f"checkpoint of step {checkpoint.step} has adler32 {stored:08x} in "
+                                    f"{data.path}, its manifest says {data.adler32}", data.path)
 
     def fetch(self, checkpoint: Checkpoint, dest: str | os.PathLike) -> Path:
         """Download ``checkpoint`` to ``dest`` and check it against its manifest.
@@ -255,17 +346,25 @@ class CheckpointStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(temporary_name(dest))
 
-        def download() -> VerificationError | None:
+        def download(data: DataFile) -> VerificationError | None:
             # adler32 is checked while the bytes arrive (no second pass over the file). A
             # mismatch is what the storage holds: returned, not raised, so it is not retried.
             try:
-                self.files.download(checkpoint.path, partial, adler32=int(checkpoint.adler32, 16))
+                if checkpoint.parts:
+                    self.files.download(data.path, partial, adler32=int(data.adler32, 16), at=data.offset)
+                else:
+                    self.files.download(data.path, partial, adler32=int(data.adler32, 16))
             except VerificationError as error:
                 return error
             return None
 
         try:
-            mismatch = self.retry.run(download, f"downloading {checkpoint.path}")
+            if checkpoint.parts:
+                with open(partial, "wb") as stream:
+                    stream.truncate(checkpoint.size)  # the parts are written at their offsets
+            mismatch = None
+            for data in checkpoint.data_files:
+                mismatch = mismatch or self.retry.run(lambda: download(data), f"downloading {data.path}")
             if mismatch is None and partial.stat().st_size != checkpoint.size:
                 mismatch = f"{partial.stat().st_size} bytes arrived"
             if mismatch is not None:
@@ -318,7 +417,8 @@ class CheckpointStore:
                 continue
             # Manifest first: from then on the checkpoint no longer exists for readers.
             self.files.remove(self._path(checkpoint.manifest_name), silent=True)
-            self.files.remove(checkpoint.path, silent=True)
+            for data in checkpoint.data_files:
+                self.files.remove(data.path, silent=True)
             deleted.append(checkpoint)
             logger.info("retention removed checkpoint of step %d", checkpoint.step)
         self._remove_stale_partials()
@@ -331,8 +431,8 @@ class CheckpointStore:
         for name in names:
             # A data file without its manifest was never committed (its writer died between
             # the two, or retention died between removing the manifest and the data).
-            orphan = name.endswith(".ckpt") and _NAME_RE.match(name[:-5] + ".json") \
-                and name[:-5] + ".json" not in present
+            data = _DATA_RE.match(name)
+            orphan = data is not None and f"{data['stem']}.json" not in present
             if PARTIAL_MARKER not in name and not orphan:
                 continue
             path = self._path(name)

@@ -246,8 +246,9 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @_gated
     def upload(self, local: str | os.PathLike, path: str, adler32: int | None = None,
-               base: str | None = None) -> int:
-        """Copy a local file to ``path``, overwriting, and return the adler32 the server verified.
+               base: str | None = None, span: tuple[int, int] | None = None) -> int:
+        """Copy a local file (or its ``span``, ``(offset, length)``) to ``path``, overwriting, and
+        return the adler32 the server verified.
 
         Chunks go out ``_IN_FLIGHT`` at a time while the adler32 of the bytes sent is
         computed beside them; after the close the server computes the adler32 of what
@@ -265,10 +266,12 @@ class XRootDFileInterface(RemoteFileInterface):
         sent, closed = 1, False
         try:
             with open(local, "rb") as source:
-                size = os.fstat(source.fileno()).st_size
+                start, size = span if span is not None else (0, os.fstat(source.fileno()).st_size)
 
                 def send(offset: int) -> bytes:
-                    data = os.pread(source.fileno(), min(_CHUNK, size - offset), offset)
+                    data = os.pread(source.fileno(), min(_CHUNK, size - offset), start + offset)
+                    if len(data) != min(_CHUNK, size - offset):
+                        raise OSError(f"{local} ended early while uploading it to {url}")
                     status, _ = handle.write(data, offset, len(data), timeout=self.timeout)
                     if not status.ok:
                         raise self._fail(status, "write", url)
@@ -303,28 +306,30 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @_gated
     def download(self, path: str, local: str | os.PathLike, base: str | None = None,
-                 adler32: int | None = None) -> None:
-        """Copy ``path`` from the server to a local file, overwriting.
+                 adler32: int | None = None, at: int | None = None) -> None:
+        """Copy ``path`` from the server to a local file, overwriting (with ``at``, into the
+        existing file from that offset on).
 
         With ``adler32`` the received bytes are checked against it (VerificationError
         on a mismatch); the check runs while the next chunks are still on the wire
         (benchmarks/README.md has what it still costs against an unchecked xrdcp).
         """
         url = self.resolve(path, base)
-        if adler32 is None:
+        if adler32 is None and at is None:
             self._copy(url.url, str(Path(local).absolute()))
             return
         value = 1
-        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(local, os.O_WRONLY) if at is not None else \
+            os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with self._reading(url) as (handle, size), \
                     transfer_progress(size, f"xrootd {url.path.rsplit('/', 1)[-1]}") as advance:
-                for data in self._chunks(handle, size, url, write_to=fd):
+                for data in self._chunks(handle, size, url, write_to=(fd, at or 0)):
                     value = adler32_of(data, value)
                     advance(len(data))
         finally:
             os.close(fd)
-        if value != adler32:
+        if adler32 is not None and value != adler32:
             raise VerificationError(f"downloaded {url}: adler32 {value:08x}, expected {adler32:08x}", str(url))
 
     @_gated
@@ -388,18 +393,19 @@ class XRootDFileInterface(RemoteFileInterface):
         finally:
             handle.close(timeout=self.timeout)
 
-    def _chunks(self, handle, size: int, url: XRootDURL, write_to: int | None = None) -> Iterator[bytes]:
+    def _chunks(self, handle, size: int, url: XRootDURL,
+                write_to: tuple[int, int] | None = None) -> Iterator[bytes]:
         """The file's bytes in order, with up to ``_IN_FLIGHT`` reads on the wire.
 
-        With ``write_to`` (a file descriptor) each chunk is also written there at its
-        offset by the thread that read it, so writing, reading and the caller's
-        checksum all overlap.
+        With ``write_to`` (a file descriptor and where the file starts in it) each chunk
+        is also written there at its offset by the thread that read it, so writing,
+        reading and the caller's checksum all overlap.
         """
         def read(offset: int) -> bytes:
             status, data = handle.read(offset, min(_CHUNK, size - offset), timeout=self.timeout)
             if not status.ok:
                 raise self._fail(status, "read", url)
-            if write_to is not None and os.pwrite(write_to, data, offset) != len(data):
+            if write_to is not None and os.pwrite(write_to[0], data, write_to[1] + offset) != len(data):
                 raise OSError(f"short write while downloading {url}")
             return data
 
