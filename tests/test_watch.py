@@ -218,11 +218,11 @@ SLOW_UPLOADS = textwrap.dedent("""\
     from ckpt_tasks.storage import local
     marks = os.environ["MARKS"]
     original = local.LocalFileInterface.upload
-    def slow_upload(self, src, dst, adler32=None, span=None):
+    def slow_upload(self, src, dst, adler32=None, span=None, on_sent=None):
         with open(marks, "a") as f: f.write(f"start {time.time()}\\n")
         time.sleep(1.5)
         try:
-            return original(self, src, dst, adler32, span)
+            return original(self, src, dst, adler32, span, on_sent)
         finally:
             with open(marks, "a") as f: f.write(f"end {time.time()}\\n")
     local.LocalFileInterface.upload = slow_upload

@@ -22,7 +22,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ckpt_tasks.errors import StorageError, VerificationError
 
@@ -34,7 +34,8 @@ PARTIAL_MARKER = ".partial-"
 class FileInterface(Protocol):
     """What ``publish_file`` needs from a storage (local directory or XRootD)."""
 
-    def upload(self, local, path, adler32: int | None = None, span: tuple[int, int] | None = None) -> int: ...
+    def upload(self, local, path, adler32: int | None = None, span: tuple[int, int] | None = None,
+               on_sent: Callable[[], None] | None = None) -> int: ...
     def stat(self, path): ...
     def rename(self, src, dst) -> None: ...
     def remove(self, path, silent: bool = True) -> bool: ...
@@ -67,16 +68,17 @@ def _remove_quietly(files: FileInterface, temporary: str) -> None:
 
 
 def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike,
-                 span: tuple[int, int] | None = None) -> PublishedFile:
+                 span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> PublishedFile:
     """Publish ``local`` (or its ``span``, ``(offset, length)``) at ``dest`` on ``files``,
-    complete or not at all."""
+    complete or not at all. ``on_sent`` is called once the bytes are on the storage,
+    before they are checked."""
     local = Path(local)
     size = span[1] if span is not None else local.stat().st_size
     temporary = temporary_name(dest)
     try:
         # The storage checks what it stored against the adler32 of the bytes sent, which
         # the upload computes while sending them: no separate pass over the file.
-        adler32 = files.upload(local, temporary, span=span)
+        adler32 = files.upload(local, temporary, span=span, on_sent=on_sent)
         stored_size = files.stat(temporary).st_size
         if stored_size != size:
             raise VerificationError(

@@ -5,6 +5,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import transfer_progress
@@ -89,16 +90,18 @@ class LocalFileInterface:
         return True
 
     def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None,
-               span: tuple[int, int] | None = None) -> int:
+               span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> int:
         """Copy ``local`` (or its ``span``, ``(offset, length)``) to ``path`` durably, re-read what
         was stored and verify it against ``adler32`` or, without it, the adler32 computed while
-        copying; return it."""
+        copying; return it. ``on_sent`` is called after the copy, before the check."""
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             sent = _copy_with_adler32(local, path, sync=True, span=span)
         except OSError as error:
             kind = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
             raise StorageError(f"cannot write {path}: {kind}", str(path)) from error
+        if on_sent is not None:
+            on_sent()
         expected = sent if adler32 is None else adler32
         stored = adler32_of_file(path)[1]
         if stored != expected:

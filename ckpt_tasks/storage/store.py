@@ -30,6 +30,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +137,20 @@ class RetryPolicy:
                 delay = min(delay * 2, self.max_delay)
 
 
+class _SendingTurn:
+    """One part sends at a time: the storage checks the part just sent while the next
+    goes up. (Two sending at once share the bandwidth, then wait for their checks together.)"""
+
+    def __init__(self, lock: threading.Lock):
+        lock.acquire()
+        self._lock, self._held = lock, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+
 class CheckpointStore:
     """Versioned checkpoints at ``location``, with verification and retention.
 
@@ -215,16 +230,25 @@ class CheckpointStore:
         return checkpoint
 
     def _publish_parts(self, path: Path, stem: str, size: int) -> list[PublishedFile]:
-        """Publish ``path`` as parts of ``part_size`` bytes, ``_PARTS_IN_FLIGHT`` at a time.
+        """Publish ``path`` as parts of ``part_size`` bytes, ``_PARTS_IN_FLIGHT`` at a time,
+        one of them sending while the others are checked.
 
         All or none: when a part fails for good, the parts already published are removed.
         """
         spans = [(offset, min(self.part_size, size - offset)) for offset in range(0, size, self.part_size)]
+        sending = threading.Lock()
 
         def publish(index: int) -> PublishedFile:
             dest = self._path(f"{stem}.ckpt.{index:04d}")
-            return self.retry.run(lambda: publish_file(self.files, path, dest, span=spans[index]),
-                                  f"uploading {dest}")
+
+            def attempt() -> PublishedFile:
+                turn = _SendingTurn(sending)
+                try:
+                    return publish_file(self.files, path, dest, span=spans[index], on_sent=turn.release)
+                finally:
+                    turn.release()
+
+            return self.retry.run(attempt, f"uploading {dest}")
 
         with ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="ckpt-part") as pool:
             futures = [pool.submit(publish, index) for index in range(len(spans))]

@@ -246,9 +246,11 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @_gated
     def upload(self, local: str | os.PathLike, path: str, adler32: int | None = None,
-               base: str | None = None, span: tuple[int, int] | None = None) -> int:
+               base: str | None = None, span: tuple[int, int] | None = None,
+               on_sent: Callable[[], None] | None = None) -> int:
         """Copy a local file (or its ``span``, ``(offset, length)``) to ``path``, overwriting, and
-        return the adler32 the server verified.
+        return the adler32 the server verified. ``on_sent`` is called once every byte is
+        on the server, before the checks.
 
         Chunks go out ``_IN_FLIGHT`` at a time while the adler32 of the bytes sent is
         computed beside them; after the close the server computes the adler32 of what
@@ -288,6 +290,8 @@ class XRootDFileInterface(RemoteFileInterface):
         finally:
             if not closed:
                 handle.close(timeout=self.timeout)
+        if on_sent is not None:
+            on_sent()
         # The server acknowledges a write that its disk cut short (a full disk returns a
         # short count, not an error, and the server passed that on as success in 5.5.3).
         info = self._stat_url(url)
