@@ -274,7 +274,10 @@ class XRootDFileInterface(RemoteFileInterface):
                     data = os.pread(source.fileno(), min(_CHUNK, size - offset), start + offset)
                     if len(data) != min(_CHUNK, size - offset):
                         raise OSError(f"{local} ended early while uploading it to {url}")
-                    status, _ = handle.write(data, offset, len(data), timeout=self.timeout)
+                    try:
+                        status, _ = handle.write(data, offset, len(data), timeout=self.timeout)
+                    except ValueError as error:  # the client closed the file after losing the server
+                        raise StorageUnavailable(f"write to {url} failed: {error}", str(url)) from error
                     if not status.ok:
                         raise self._fail(status, "write", url)
                     return data
@@ -406,7 +409,10 @@ class XRootDFileInterface(RemoteFileInterface):
         reading and the caller's checksum all overlap.
         """
         def read(offset: int) -> bytes:
-            status, data = handle.read(offset, min(_CHUNK, size - offset), timeout=self.timeout)
+            try:
+                status, data = handle.read(offset, min(_CHUNK, size - offset), timeout=self.timeout)
+            except ValueError as error:  # the client closed the file after losing the server
+                raise StorageUnavailable(f"read of {url} failed: {error}", str(url)) from error
             if not status.ok:
                 raise self._fail(status, "read", url)
             if write_to is not None and os.pwrite(write_to[0], data, write_to[1] + offset) != len(data):
