@@ -114,7 +114,9 @@ class TaskCheckpointer(Checkpointer):
             path = self._workdir / f"state-{step}.pt"
             torch.save(snapshot, path)
             try:
-                self._store_transfer.commit(path, step, metadata)
+                # On a stop, the last seconds go to the commit; older checkpoints are
+                # deleted by the next run's first commit.
+                self._store_transfer.commit(path, step, metadata, retention=reason == "interval")
             finally:
                 path.unlink(missing_ok=True)
 

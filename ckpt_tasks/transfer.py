@@ -147,13 +147,14 @@ class StoreTransfer:
     def store(self, local: Path) -> None:
         self.commit(local, self.step_of(), self.metadata_of())
 
-    def commit(self, local: Path, step: int, metadata: dict) -> None:
-        """Commit ``local`` as the checkpoint of ``step`` (callable from a background thread)."""
+    def commit(self, local: Path, step: int, metadata: dict, retention: bool = True) -> None:
+        """Commit ``local`` as the checkpoint of ``step`` (callable from a background thread);
+        ``retention=False`` leaves deleting older checkpoints to the next commit."""
         from ckpt_tasks.lineage import trail
 
         metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
                     "lineage_trail": trail(self.last_committed)}
-        self.last_committed = self.checkpoints.save(local, step, metadata)
+        self.last_committed = self.checkpoints.save(local, step, metadata, retention=retention)
         self.last_committed_step = step
 
     def retrieve(self, local: Path) -> bool:

@@ -157,3 +157,19 @@ def test_final_commit_past_the_deadline_keeps_the_newest_committed_and_says_what
     time.sleep(3)  # the client avoids a failed server for a few seconds
     assert CheckpointStore(f"{server.url}//run").latest().step == 1
     assert CheckpointStore(f"{server.url}//run").verify().step == 1
+
+
+def test_the_final_commit_leaves_retention_to_the_next_run(tmp_path):
+    state = make_state()
+    store = CheckpointStore(tmp_path / "store", keep_last=1)
+    checkpointer = checkpointer_for(tmp_path, state, store)
+    try:
+        train_step(state)
+        checkpointer.step(state)  # an interval commit of step 1
+        checkpointer.flush()
+        train_step(state)
+        checkpointer._save_final(state)  # what a SIGTERM commits
+    finally:
+        checkpointer.close()
+    assert [c.step for c in store.list()] == [1, 2], "the stop spent its time deleting step 1"
+    assert [c.metadata["reason"] for c in store.list()] == ["interval", "signal"]

@@ -205,6 +205,15 @@ def test_retention_keep_last(location, tmp_path):
     assert names == sorted([LATEST] + [n for c in saved[-2:] for n in (c.name, c.manifest_name)])
 
 
+def test_retention_can_wait_for_the_next_save(location, tmp_path):
+    store = location.store(keep_last=1)
+    store.save(make_file(tmp_path, 1, 1000), 1)
+    store.save(make_file(tmp_path, 2, 1000), 2, retention=False)  # e.g. the final commit before an eviction
+    assert [c.step for c in store.list()] == [1, 2]
+    store.save(make_file(tmp_path, 3, 1000), 3)
+    assert [c.step for c in store.list()] == [3]
+
+
 def test_retention_keep_every(location, tmp_path):
     store = location.store(keep_last=2, keep_every=3)
     for step in range(1, 11):

@@ -194,8 +194,13 @@ class CheckpointStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, step: int, metadata: dict[str, Any] | None = None) -> Checkpoint:
-        """Commit the local file ``path`` as the checkpoint of ``step``; return what was committed."""
+    def save(self, path: str | os.PathLike, step: int, metadata: dict[str, Any] | None = None,
+             retention: bool = True) -> Checkpoint:
+        """Commit the local file ``path`` as the checkpoint of ``step``; return what was committed.
+
+        ``retention=False`` leaves deleting older checkpoints to the next save (a process
+        about to be evicted should spend its last seconds on the commit only).
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         path = Path(path)
@@ -226,7 +231,8 @@ class CheckpointStore:
         self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
         self._advance_latest(checkpoint)
         logger.info("committed checkpoint of step %d to %s (%d bytes)", step, checkpoint.path, size)
-        self.apply_retention()
+        if retention:
+            self.apply_retention()
         return checkpoint
 
     def _publish_parts(self, path: Path, stem: str, size: int) -> list[PublishedFile]:
