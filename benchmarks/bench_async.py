@@ -1,6 +1,6 @@
 """Asynchronous checkpointing against its baselines, each a ratio measured in one run.
 
-    python benchmarks/bench_async.py [--state-mib 400] [--throughput-seconds 30]
+    python benchmarks/bench_async.py [--state-mib 400] [--throughput-seconds 20] [--rounds 3] [--repeat 5]
 
 1. Stall of the training loop per checkpoint: async (snapshot only) and sync
    (serialise + commit) against a bare copy of the state dict to CPU.
@@ -126,8 +126,9 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, interval: float,
-                     threads: int) -> dict:
-    """Steps per second without and with a checkpoint every ``interval`` s, training on ``threads``."""
+                     threads: int, rounds: int) -> dict:
+    """Steps per second without and with a checkpoint every ``interval`` s, training on ``threads``:
+    ``rounds`` pairs of runs, alternating which goes first, medians."""
     server_url, previous_threads = server.url, torch.get_num_threads()
     torch.set_num_threads(threads)
 
@@ -146,45 +147,66 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
             ckpt.close()
         return steps / (time.perf_counter() - start)
 
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    server_cpu = 0.0
     try:
-        without = run(False)
-        server_cpu = process_cpu_seconds(server.process.pid)
-        with_ = run(True)
-        server_cpu = process_cpu_seconds(server.process.pid) - server_cpu
+        for round_ in range(rounds):
+            for with_checkpoints in (False, True) if round_ % 2 == 0 else (True, False):
+                settle()
+                before = process_cpu_seconds(server.process.pid)
+                rates[with_checkpoints].append(run(with_checkpoints))
+                if with_checkpoints:
+                    server_cpu += process_cpu_seconds(server.process.pid) - before
     finally:
         torch.set_num_threads(previous_threads)
-    return {"without": without, "with": with_, "threads": threads, "server_cpu": server_cpu}
+    return {"without": statistics.median(rates[False]), "with": statistics.median(rates[True]),
+            "threads": threads, "server_cpu": server_cpu / rounds, "rates": rates}
+
+
+def settle() -> None:
+    """Write back what the previous measurement left dirty and let the machine go quiet."""
+    os.sync()
+    time.sleep(1.0)
 
 
 def bench_stop(state, tmp: Path, server_url: str, repeat: int, in_flight: bool) -> dict:
-    ours, raw = [], []
+    times: dict[str, list[float]] = {"ours": [], "raw": []}
     for attempt in range(repeat):
         name = f"stop-{attempt}-{in_flight}"
-        ckpt = checkpointer(tmp / name, state, f"{server_url}//{name}", asynchronous=True)
-        try:
-            train_step(state)
-            if in_flight:
-                ckpt._save(state)      # a commit in flight when the signal comes
-                train_step(state)
-            ours.append(timed(lambda: ckpt._save_final(state)))
-        finally:
-            ckpt.close()
-        # baseline: snapshot + the same bytes through raw xrdcp
         local = tmp / f"raw-{attempt}.pt"
 
-        def baseline():
-            snapshot = bare_copy(state)
-            torch.save(snapshot, local)
-            subprocess.run(["xrdcp", "-s", "-f", str(local), f"{server_url}//raw-{attempt}.pt"], check=True)
+        def ours():
+            ckpt = checkpointer(tmp / name, state, f"{server_url}//{name}", asynchronous=True)
+            try:
+                settle()
+                train_step(state)
+                if in_flight:
+                    ckpt._save(state)      # a commit in flight when the signal comes
+                    train_step(state)
+                times["ours"].append(timed(lambda: ckpt._save_final(state)))
+            finally:
+                ckpt.close()
 
-        raw.append(timed(baseline))
-    return {"ours": statistics.median(ours), "raw": statistics.median(raw)}
+        def raw():
+            # baseline: snapshot + the same bytes, serialised, through raw xrdcp
+            def baseline():
+                snapshot = bare_copy(state)
+                torch.save(snapshot, local)
+                subprocess.run(["xrdcp", "-s", "-f", str(local), f"{server_url}//raw-{attempt}.pt"], check=True)
+            settle()
+            times["raw"].append(timed(baseline))
+
+        for measure in (ours, raw) if attempt % 2 == 0 else (raw, ours):
+            measure()
+    return {"ours": statistics.median(times["ours"]), "raw": statistics.median(times["raw"]), "times": times}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-mib", type=int, default=400, help="size of model + optimizer state")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions of the stall and stop measures")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="pairs of throughput runs (with and without checkpoints, alternating)")
     parser.add_argument("--throughput-seconds", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=10.0, help="checkpoint interval for throughput")
     args = parser.parse_args()
@@ -199,7 +221,8 @@ def main() -> int:
             cores = os.cpu_count() or 1
             # All cores train (a CPU-only training: any background work competes with it), and
             # one core left free (the loop waits on a GPU, or one core is kept for I/O).
-            throughputs = [bench_throughput(state, tmp, server, args.throughput_seconds, args.interval, threads)
+            throughputs = [bench_throughput(state, tmp, server, args.throughput_seconds, args.interval, threads,
+                                            args.rounds)
                            for threads in sorted({cores, max(1, cores - 1)}, reverse=True)]
             stop = bench_stop(state, tmp, server.url, args.repeat, in_flight=False)
             stop_busy = bench_stop(state, tmp, server.url, args.repeat, in_flight=True)
@@ -225,6 +248,11 @@ def main() -> int:
     for throughput in throughputs:
         print(f"\nXRootD server (on this machine) CPU while checkpointing on {throughput['threads']} training "
               f"threads: {throughput['server_cpu']:.1f} s in {args.throughput_seconds:.0f} s")
+        print("  steps/s without, with:", [round(r, 2) for r in throughput["rates"][False]],
+              [round(r, 2) for r in throughput["rates"][True]])
+    for label, result in (("stop", stop), ("stop, commit in flight", stop_busy)):
+        print(f"{label} (s), ours, baseline:", [round(t, 2) for t in result["times"]["ours"]],
+              [round(t, 2) for t in result["times"]["raw"]])
     return 0
 
 

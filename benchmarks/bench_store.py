@@ -8,7 +8,8 @@ Measures, in one run and on one server:
 Each pair is repeated ``--repeat`` times, alternating which one goes first, and
 the median is reported with MB/s and the ratio ours/raw (goal: at most 1.10).
 Before each timed copy, ``os.sync()`` writes back what earlier copies left in the
-page cache, so one copy does not pay for another's writeback.
+page cache and a 1 s pause lets the server and the kernel settle, so one copy
+does not pay for another's writeback.
 ``save`` does the whole commit (upload under a temporary name verified by the
 server's adler32, rename, manifest, LATEST, retention); ``fetch`` downloads and
 checks size and adler32 against the manifest. xrdcp's times include starting
@@ -42,7 +43,7 @@ from xrootd_server import XRootDServer  # noqa: E402
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy  # noqa: E402
 
 
-SETTLE_S = 1.0
+SETTLE_S = 1.0  # seconds of quiet before each timed copy
 
 
 def timed(operation) -> float:
