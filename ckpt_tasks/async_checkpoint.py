@@ -82,13 +82,18 @@ class BackgroundCommitter:
         self._error: BaseException | None = None
         self.in_flight: Any = None  # a label of the commit running (e.g. its step)
 
-    def submit(self, label: Any, commit: Callable[[], None]) -> None:
-        """Start ``commit`` in the background after the previous one has finished."""
+    def submit(self, label: Any, commit: Callable[[], None], yield_cpu: bool = True) -> None:
+        """Start ``commit`` in the background after the previous one has finished.
+
+        With ``yield_cpu`` it runs at a lower priority than the training; without, at the
+        same (a final commit, which the training thread is waiting for).
+        """
         self.wait()
 
         def run():
             try:
-                _lower_thread_priority()
+                if yield_cpu:
+                    _lower_thread_priority()
                 commit()
             except BaseException as error:  # reported to the training thread by wait()
                 self._error = error

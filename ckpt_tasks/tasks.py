@@ -120,7 +120,8 @@ class TaskCheckpointer(Checkpointer):
             finally:
                 path.unlink(missing_ok=True)
 
-        self._committer.submit(step, commit)
+        # A stop waits for this commit: it must not yield the CPU to anyone.
+        self._committer.submit(step, commit, yield_cpu=reason == "interval")
 
     def flush(self) -> None:
         """Wait for the commit in flight; raise its error, if it failed."""

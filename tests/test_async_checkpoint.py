@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -173,3 +174,19 @@ def test_the_final_commit_leaves_retention_to_the_next_run(tmp_path):
         checkpointer.close()
     assert [c.step for c in store.list()] == [1, 2], "the stop spent its time deleting step 1"
     assert [c.metadata["reason"] for c in store.list()] == ["interval", "signal"]
+
+
+def test_interval_commits_yield_the_cpu_and_a_final_commit_does_not():
+    def nice_of_commit(**kwargs) -> int:
+        seen = []
+        committer = BackgroundCommitter()
+        committer.submit("c", lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())),
+                         **kwargs)
+        committer.wait()
+        return seen[0]
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    if mine >= 10:
+        pytest.skip(f"this process already runs at nice {mine}")
+    assert nice_of_commit() == 10  # the training keeps the CPU
+    assert nice_of_commit(yield_cpu=False) == mine  # the training is waiting for this one

@@ -35,8 +35,25 @@ def _env() -> dict:
     return env
 
 
+_started: list["Watch"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_outlives_its_test():
+    """A failed test must not leave its watcher and program running (they would load the machine)."""
+    yield
+    while _started:
+        proc = _started.pop().proc
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
 class Watch:
-    """The watcher in the background; output in files under ``workdir``."""
+    """The watcher in the background, in a session of its own; output in files under ``workdir``."""
 
     def __init__(self, workdir: Path, target: str, command: list[str], *options: str, python: list[str] | None = None,
                  interval: float = 0.2):
@@ -48,7 +65,8 @@ class Watch:
             *options, "--", *command]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(argv, cwd=workdir, env=_env(), stdout=out, stderr=err,
-                                         preexec_fn=default_signals)
+                                         preexec_fn=default_signals, start_new_session=True)
+        _started.append(self)
 
     def out(self) -> str:
         return self.stdout.read_text()
