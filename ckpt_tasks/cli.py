@@ -19,7 +19,9 @@ def _store(args: argparse.Namespace) -> CheckpointStore:
 def _ls(args: argparse.Namespace) -> int:
     checkpoints = _store(args).list()
     if args.json:
-        print(json.dumps([c.to_json() for c in checkpoints], indent=2))
+        # "files": what to copy by hand (one file, or the parts in order)
+        print(json.dumps([{**c.to_json(), "files": [data.path for data in c.data_files]} for c in checkpoints],
+                         indent=2))
         return 0
     if not checkpoints:
         print(f"no checkpoints at {args.location}")

@@ -46,9 +46,20 @@ def test_ls_json(filled):
         assert entry["size"] == len(content_for(checkpoint.step))
         assert entry["adler32"] == f"{zlib.adler32(content_for(checkpoint.step)):08x}"
         assert entry["path"] == f"{url}/{checkpoint.name}"
+        assert entry["files"] == [entry["path"]]  # small enough for one file
         assert entry["created"] == checkpoint.created
         assert entry["metadata"]["epoch"] == checkpoint.step // 10
         assert entry["metadata"] == checkpoint.metadata
+
+
+def test_ls_json_names_every_part(location, tmp_path):
+    url, on_disk = location
+    (tmp_path / "state.bin").write_bytes(content_for(4)[:2500])
+    CheckpointStore(url, part_size=1000, retry=RetryPolicy(deadline=10)).save(tmp_path / "state.bin", 4)
+    [entry] = json.loads(cli("ls", url, "--json").stdout)
+    assert [name.rsplit("/", 1)[-1] for name in entry["files"]] == [part["name"] for part in entry["parts"]]
+    assert [(on_disk / part["name"]).stat().st_size for part in entry["parts"]] == [1000, 1000, 500]
+    assert b"".join((on_disk / part["name"]).read_bytes() for part in entry["parts"]) == content_for(4)[:2500]
 
 
 def test_ls_human(filled):
