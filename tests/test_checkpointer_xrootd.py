@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import random
 import signal
+import stat
 import time
 import uuid
 import zlib
@@ -152,3 +153,13 @@ def test_xrootd_transfer_is_complete_or_absent_under_sigkill(tmp_path, xrootd_se
         child.finish()
         blob = (on_disk / "ckpt.bin").read_bytes()
         assert hashlib.sha256(blob[32:]).digest() == blob[:32], f"torn file after kill {attempt}"
+
+
+def test_uploads_are_readable_by_others_and_honour_a_base_with_a_path(tmp_path, xrootd_server, remote_dir):
+    """Files as xrdcp makes them (rw-r--r--), and the checksum asked of the file just written."""
+    path, on_disk = remote_dir
+    local = tmp_path / "blob"
+    local.write_bytes(b"y" * 5000)
+    files = XRootDFileInterface(f"{xrootd_server.url}/{path}")  # a base inside the server
+    assert files.upload(local, "sub/blob") == zlib.adler32(b"y" * 5000)
+    assert stat.S_IMODE((on_disk / "sub" / "blob").stat().st_mode) == 0o644

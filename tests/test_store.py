@@ -6,6 +6,7 @@ wrote is also checked on the disk behind it (``on_disk``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -121,6 +122,50 @@ def test_large_checkpoints_go_up_in_parts(location, tmp_path):
     small = store.save(tmp_path / "small.bin", 4)
     assert small.parts == () and small.data_files[0].path == small.path
     assert location.names() == sorted([LATEST, small.name, small.manifest_name])
+
+
+def test_manifest_versions(location, tmp_path):
+    store = location.store(part_size=1000)
+    single = store.save(make_file(tmp_path, 1, 800), 1)
+    parted = store.save(make_file(tmp_path, 2, 2500), 2)
+    first = json.loads((location.on_disk / single.manifest_name).read_text())
+    assert first["version"] == 1 and "parts" not in first  # what releases before parts read
+    assert json.loads((location.on_disk / parted.manifest_name).read_text())["version"] == 2
+    # a manifest from a newer release is an error, never "no checkpoint" or an older one
+    newer = json.loads((location.on_disk / parted.manifest_name).read_text())
+    newer["version"] = 3
+    (location.on_disk / "step-000000000003-0000000c.json").write_text(json.dumps({**newer, "step": 3}))
+    with pytest.raises(StorageError, match="version 3"):
+        store.list()
+
+
+def test_fetch_refuses_parts_that_do_not_make_up_the_checkpoint(location, tmp_path):
+    store = location.store(part_size=1000)
+    parted = store.save(make_file(tmp_path, 2, 2500), 2)
+    short = dataclasses.replace(parted, parts=parted.parts[:2])  # a manifest that lost a part
+    with pytest.raises(VerificationError, match="do not make up"):
+        store.fetch(short, tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_parts_of_a_live_upload_are_not_taken_for_orphans(location, tmp_path):
+    store = location.store()
+    store.save(make_file(tmp_path, 1, 1000), 1)  # the location exists, made by its server
+    old = time.time() - 2 * 3600
+    # a long upload in parts: part 0 finished two hours ago, part 1 is still being written
+    done = location.on_disk / "step-000000000009-0000000d.ckpt.0000"
+    live = location.on_disk / ".step-000000000009-0000000d.ckpt.0001.partial-host-1-abc"
+    # a dead writer's: every file old
+    dead = [location.on_disk / "step-000000000008-0000000e.ckpt.0000",
+            location.on_disk / ".step-000000000008-0000000e.ckpt.0001.partial-host-2-def"]
+    for path in (done, live, *dead):
+        path.write_bytes(b"x")
+    for path in (done, *dead):
+        os.utime(path, (old, old))
+    store.save(make_file(tmp_path, 2, 1000), 2)  # retention runs
+    names = location.names()
+    assert done.name in names and live.name in names
+    assert not [path for path in dead if path.name in names]
 
 
 def test_a_corrupt_part_is_found_and_the_previous_checkpoint_used(location, tmp_path, caplog):

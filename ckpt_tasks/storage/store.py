@@ -23,6 +23,7 @@ cannot move resumption backwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -52,7 +53,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LATEST = "LATEST"
+#: manifests of single-file checkpoints keep version 1, so older readers still see them;
+#: a checkpoint in parts has a version-2 manifest, which needs this code to read
 MANIFEST_VERSION = 1
+MANIFEST_VERSION_PARTS = 2
 _NAME_RE = re.compile(r"^step-(?P<step>\d{12})-(?P<tag>[0-9a-f]{8})\.json$")
 _DATA_RE = re.compile(r"^(?P<stem>step-\d{12}-[0-9a-f]{8})\.ckpt(\.\d{4})?$")
 #: checkpoints larger than this are stored in parts of this size (CheckpointStore's default)
@@ -111,7 +115,10 @@ class Checkpoint:
         return files
 
     def to_json(self) -> dict:
-        return asdict(self)
+        fields = asdict(self)
+        if not self.parts:
+            del fields["parts"]  # a single file: the same manifest as before parts existed
+        return fields
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,8 @@ class CheckpointStore:
             step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
             created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             path=self._path(f"{stem}.ckpt"), metadata=dict(metadata or {}), parts=parts)
-        manifest = {"version": MANIFEST_VERSION, **checkpoint.to_json()}
+        version = MANIFEST_VERSION_PARTS if checkpoint.parts else MANIFEST_VERSION
+        manifest = {"version": version, **checkpoint.to_json()}
         self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
         self._advance_latest(checkpoint)
         logger.info("committed checkpoint of step %d to %s (%d bytes)", step, checkpoint.path, size)
@@ -322,7 +330,18 @@ class CheckpointStore:
             return None  # removed by retention between listing and reading
         try:
             fields = json.loads(data)
-            fields.pop("version", None)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            version = fields.pop("version", MANIFEST_VERSION)
+        except ValueError as error:
+            logger.warning("manifest %s is unreadable (%s); ignoring it", self._path(name), error)
+            return None
+        if isinstance(version, int) and version > MANIFEST_VERSION_PARTS:
+            # Loud: skipping it could resume an older checkpoint, or start from scratch.
+            raise StorageError(f"manifest {self._path(name)} has version {version}, written by a newer "
+                               f"ckpt_tasks than this one (reads up to {MANIFEST_VERSION_PARTS}); upgrade",
+                               self._path(name))
+        try:
             fields["path"] = self._path(fields["name"])  # the location may have been moved
             fields["parts"] = tuple(Part(**part) for part in fields.get("parts", ()))
             return Checkpoint(**fields)
@@ -388,6 +407,14 @@ class CheckpointStore:
                 return error
             return None
 
+        if checkpoint.parts:
+            # A manifest whose parts do not make up the checkpoint would leave zeros behind.
+            combined = functools.reduce(lambda value, data: adler32_combine(value, int(data.adler32, 16), data.size),
+                                        checkpoint.data_files, 1)
+            if sum(p.size for p in checkpoint.parts) != checkpoint.size or f"{combined:08x}" != checkpoint.adler32:
+                raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not make up the "
+                                        f"{checkpoint.size} bytes, adler32 {checkpoint.adler32}, its manifest "
+                                        f"says", checkpoint.path)
         try:
             if checkpoint.parts:
                 with open(partial, "wb") as stream:
@@ -455,20 +482,30 @@ class CheckpointStore:
         return deleted
 
     def _remove_stale_partials(self) -> None:
+        """Remove temporaries and uncommitted data of writers that are gone.
+
+        A data file without its manifest was never committed: its writer died between the
+        two, or retention died between removing the manifest and the data. But a writer
+        uploading a large checkpoint in parts finished its first parts long before its
+        manifest: a checkpoint's files go only when none of them changed for an hour.
+        """
         now = time.time()
         names = self.files.listdir(self.root)
         present = set(names)
+        candidates: dict[str, list[tuple[str, float]]] = {}  # checkpoint stem -> (name, mtime)
         for name in names:
-            # A data file without its manifest was never committed (its writer died between
-            # the two, or retention died between removing the manifest and the data).
-            data = _DATA_RE.match(name)
-            orphan = data is not None and f"{data['stem']}.json" not in present
-            if PARTIAL_MARKER not in name and not orphan:
+            committed_name = name[1:name.index(PARTIAL_MARKER)] if PARTIAL_MARKER in name else name
+            data = _DATA_RE.match(committed_name)
+            stem = data["stem"] if data else name
+            if PARTIAL_MARKER not in name and (data is None or f"{stem}.json" in present):
                 continue
-            path = self._path(name)
             try:
-                if now - self.files.stat(path).st_mtime > STALE_PARTIAL_SECONDS:
-                    self.files.remove(path, silent=True)
+                mtime = self.files.stat(self._path(name)).st_mtime
             except StorageError:
-                pass  # finished or removed by its writer in the meantime
+                continue  # finished or removed by its writer in the meantime
+            candidates.setdefault(stem, []).append((name, mtime))
+        for files in candidates.values():
+            if now - max(mtime for _, mtime in files) > STALE_PARTIAL_SECONDS:
+                for name, _ in files:
+                    self.files.remove(self._path(name), silent=True)
 

@@ -257,12 +257,16 @@ class XRootDFileInterface(RemoteFileInterface):
         it stored, which must equal it (and ``adler32``, when given): no extra pass over
         the local file, and never a copy that differs from what was sent.
         """
-        from XRootD.client.flags import OpenFlags
+        from XRootD.client.flags import AccessMode, OpenFlags
 
         url = self.resolve(path, base)
         handle = _client().File()
         # DELETE: create or truncate (the upload overwrites); MAKEPATH: create missing directories.
-        status, _ = handle.open(url.url, OpenFlags.DELETE | OpenFlags.MAKEPATH, timeout=self.timeout)
+        # rw-r--r--, as xrdcp creates files: without a mode the server makes them owner-only,
+        # and collaborators or jobs of another account could no longer restore.
+        status, _ = handle.open(url.url, OpenFlags.DELETE | OpenFlags.MAKEPATH,
+                                mode=AccessMode.UR | AccessMode.UW | AccessMode.GR | AccessMode.OR,
+                                timeout=self.timeout)
         if not status.ok:
             raise self._fail(status, "open for writing", url)
         sent, closed = 1, False
@@ -304,7 +308,7 @@ class XRootDFileInterface(RemoteFileInterface):
                 f"the server stored only {stored_size} of {size} bytes of {url} and reported no error "
                 f"(no space left on its disk?)", str(url))
         expected = sent if adler32 is None else adler32
-        stored = self.checksum(url.path)
+        stored = self.checksum(url.url)
         if stored != expected or sent != expected:
             raise VerificationError(
                 f"checksum mismatch after uploading {url}: the server's adler32 is {stored:08x}, "
