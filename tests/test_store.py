@@ -146,6 +146,8 @@ def test_fetch_refuses_parts_that_do_not_make_up_the_checkpoint(location, tmp_pa
     with pytest.raises(VerificationError, match="do not make up"):
         store.fetch(short, tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()
+    with pytest.raises(VerificationError, match="do not make up"):
+        store.verify(short)
 
 
 def test_parts_of_a_live_upload_are_not_taken_for_orphans(location, tmp_path):

@@ -7,10 +7,11 @@ full, so it is the one used everywhere. Both give the same values.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from zlib_ng.zlib_ng import adler32
 
-__all__ = ["adler32", "adler32_combine", "adler32_of_file"]
+__all__ = ["adler32", "adler32_combine", "adler32_concat", "adler32_of_file"]
 
 _CHUNK = 8 << 20
 _MOD = 65521  # the largest prime below 2**16
@@ -28,6 +29,14 @@ def adler32_combine(first: int, second: int, second_length: int) -> int:
     a = (a1 + a2 - 1) % _MOD
     b = (b1 + b2 + second_length * (a1 - 1)) % _MOD
     return (b << 16) | a
+
+
+def adler32_concat(pieces: Iterable[tuple[int, int]]) -> int:
+    """The adler32 of byte strings joined in order, from their ``(adler32, length)``."""
+    value = 1  # the adler32 of nothing
+    for piece, length in pieces:
+        value = adler32_combine(value, piece, length)
+    return value
 
 
 def adler32_of_file(path: str | os.PathLike) -> tuple[int, int]:

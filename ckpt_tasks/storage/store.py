@@ -23,7 +23,6 @@ cannot move resumption backwards.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.lineage import lineage
-from ckpt_tasks.storage.checksum import adler32_combine
+from ckpt_tasks.storage.checksum import adler32_concat
 from ckpt_tasks.storage.commit import PARTIAL_MARKER, PublishedFile, publish_file, temporary_name
 from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
@@ -144,6 +143,17 @@ class RetryPolicy:
                 delay = min(delay * 2, self.max_delay)
 
 
+def _check_parts_make_up(checkpoint: Checkpoint) -> None:
+    """Raise VerificationError when a manifest's parts are not its checkpoint's bytes."""
+    if not checkpoint.parts:
+        return
+    combined = adler32_concat((int(p.adler32, 16), p.size) for p in checkpoint.parts)
+    if sum(p.size for p in checkpoint.parts) != checkpoint.size or f"{combined:08x}" != checkpoint.adler32:
+        raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not make up the "
+                                f"{checkpoint.size} bytes, adler32 {checkpoint.adler32}, its manifest "
+                                f"says", checkpoint.path)
+
+
 class _SendingTurn:
     """One part sends at a time: the storage checks the part just sent while the next
     goes up. (Two sending at once share the bandwidth, then wait for their checks together.)"""
@@ -226,9 +236,7 @@ class CheckpointStore:
             adler32, parts = published.adler32, ()
         else:
             published_parts = self._publish_parts(path, stem, size)
-            adler32 = published_parts[0].adler32
-            for part in published_parts[1:]:
-                adler32 = adler32_combine(adler32, part.adler32, part.size)
+            adler32 = adler32_concat((p.adler32, p.size) for p in published_parts)
             parts = tuple(Part(p.path.rsplit("/", 1)[-1], p.size, f"{p.adler32:08x}") for p in published_parts)
         checkpoint = Checkpoint(
             step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
@@ -362,9 +370,7 @@ class CheckpointStore:
         checkpoint = checkpoint or self.latest()
         if checkpoint is None:
             raise StorageError(f"no checkpoint to verify at {self.root}", self.root)
-        if sum(data.size for data in checkpoint.data_files) != checkpoint.size:
-            raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not add up to "
-                                    f"the {checkpoint.size} bytes its manifest says", checkpoint.path)
+        _check_parts_make_up(checkpoint)
         for data in checkpoint.data_files:
             self._verify_data_file(checkpoint, data)
         return checkpoint
@@ -399,22 +405,13 @@ class CheckpointStore:
             # adler32 is checked while the bytes arrive (no second pass over the file). A
             # mismatch is what the storage holds: returned, not raised, so it is not retried.
             try:
-                if checkpoint.parts:
-                    self.files.download(data.path, partial, adler32=int(data.adler32, 16), at=data.offset)
-                else:
-                    self.files.download(data.path, partial, adler32=int(data.adler32, 16))
+                self.files.download(data.path, partial, adler32=int(data.adler32, 16),
+                                    at=data.offset if checkpoint.parts else None)
             except VerificationError as error:
                 return error
             return None
 
-        if checkpoint.parts:
-            # A manifest whose parts do not make up the checkpoint would leave zeros behind.
-            combined = functools.reduce(lambda value, data: adler32_combine(value, int(data.adler32, 16), data.size),
-                                        checkpoint.data_files, 1)
-            if sum(p.size for p in checkpoint.parts) != checkpoint.size or f"{combined:08x}" != checkpoint.adler32:
-                raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not make up the "
-                                        f"{checkpoint.size} bytes, adler32 {checkpoint.adler32}, its manifest "
-                                        f"says", checkpoint.path)
+        _check_parts_make_up(checkpoint)  # else the gaps would stay zeros
         try:
             if checkpoint.parts:
                 with open(partial, "wb") as stream:

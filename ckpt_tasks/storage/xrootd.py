@@ -275,8 +275,9 @@ class XRootDFileInterface(RemoteFileInterface):
                 start, size = span if span is not None else (0, os.fstat(source.fileno()).st_size)
 
                 def send(offset: int) -> bytes:
-                    data = os.pread(source.fileno(), min(_CHUNK, size - offset), start + offset)
-                    if len(data) != min(_CHUNK, size - offset):
+                    length = min(_CHUNK, size - offset)
+                    data = os.pread(source.fileno(), length, start + offset)
+                    if len(data) != length:
                         raise OSError(f"{local} ended early while uploading it to {url}")
                     try:
                         status, _ = handle.write(data, offset, len(data), timeout=self.timeout)
