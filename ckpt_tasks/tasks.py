@@ -58,7 +58,8 @@ class TaskCheckpointer(Checkpointer):
     - It stops only at the end of a training step: the state is a live model,
       inconsistent in the middle of one.
     - With ``asynchronous=True`` a due checkpoint costs the loop only an in-memory
-      snapshot; serialisation and commit run in the background, one at a time.
+      snapshot; serialisation and commit run in the background, one at a time, and
+      each part of the checkpoint goes up while the next is serialised.
     - On a stop it waits for the commit in flight, then commits the current step,
       all within ``stop_deadline`` seconds; past it, the newest committed
       checkpoint stays valid and the log says which steps are lost.
@@ -106,19 +107,20 @@ class TaskCheckpointer(Checkpointer):
     def _submit_snapshot(self, reason: str = "interval") -> None:
         state = self._state
         step, metadata = state.step, checkpoint_metadata(state, reason)
-        snapshot = self._snapshotter.snapshot(state.state_dict())
+        if reason == "interval":
+            payload = self._snapshotter.snapshot(state.state_dict())
+        else:
+            # A stop: the loop never runs again (the process exits after this commit), so
+            # the live state is serialised as it is, without the time of a copy.
+            payload = state.state_dict()
 
         def commit():
             import torch
 
-            path = self._workdir / f"state-{step}.pt"
-            torch.save(snapshot, path)
-            try:
-                # On a stop, the last seconds go to the commit; older checkpoints are
-                # deleted by the next run's first commit.
-                self._store_transfer.commit(path, step, metadata, retention=reason == "interval")
-            finally:
-                path.unlink(missing_ok=True)
+            # Streamed: each part goes up while the next is serialised. On a stop, the last
+            # seconds go to the commit; older checkpoints are deleted by the next run's first.
+            self._store_transfer.commit(lambda stream: torch.save(payload, stream), step, metadata,
+                                        retention=reason == "interval", staging_dir=self._workdir)
 
         # A stop waits for this commit: it must not yield the CPU to anyone.
         self._committer.submit(step, commit, yield_cpu=reason == "interval")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, BinaryIO, Callable, Protocol
 
 from ckpt_tasks.htcondor.jobad import JobAd
 from ckpt_tasks.storage.commit import publish_file, temporary_name
@@ -147,14 +147,23 @@ class StoreTransfer:
     def store(self, local: Path) -> None:
         self.commit(local, self.step_of(), self.metadata_of())
 
-    def commit(self, local: Path, step: int, metadata: dict, retention: bool = True) -> None:
-        """Commit ``local`` as the checkpoint of ``step`` (callable from a background thread);
-        ``retention=False`` leaves deleting older checkpoints to the next commit."""
+    def commit(self, source: Path | Callable[[BinaryIO], None], step: int, metadata: dict,
+               retention: bool = True, staging_dir: Path | None = None) -> None:
+        """Commit ``source`` as the checkpoint of ``step`` (callable from a background thread).
+
+        ``source`` is a local file, or a function that writes the checkpoint into the
+        stream it is given (``CheckpointStore.save_streaming``, staged in ``staging_dir``).
+        ``retention=False`` leaves deleting older checkpoints to the next commit.
+        """
         from ckpt_tasks.lineage import trail
 
         metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
                     "lineage_trail": trail(self.last_committed)}
-        self.last_committed = self.checkpoints.save(local, step, metadata, retention=retention)
+        if callable(source):
+            self.last_committed = self.checkpoints.save_streaming(source, step, metadata, retention=retention,
+                                                                  staging_dir=staging_dir)
+        else:
+            self.last_committed = self.checkpoints.save(source, step, metadata, retention=retention)
         self.last_committed_step = step
 
     def retrieve(self, local: Path) -> bool:

@@ -27,7 +27,7 @@ def test_bench_store_prints_every_ratio(tmp_path):
 
 @pytest.mark.usefixtures("xrootd_server")
 def test_bench_async_prints_every_ratio():
-    out = run_benchmark("benchmarks/bench_async.py", "--state-mib", "16", "--repeat", "1", "--rounds", "1",
+    out = run_benchmark("benchmarks/bench_async.py", "--state-mib", "16", "--repeat", "1",
                         "--throughput-seconds", "2", "--interval", "0.5")
     for row in ("stall per checkpoint, async", "throughput, checkpoint every", "SIGTERM to committed final"):
         assert row in out, out

@@ -124,6 +124,69 @@ def test_large_checkpoints_go_up_in_parts(location, tmp_path):
     assert location.names() == sorted([LATEST, small.name, small.manifest_name])
 
 
+# -- streaming saves: parts go up while the writer writes ------------------------------------------
+
+def writer_of(data: bytes, chunk: int = 700):
+    """A serialiser stand-in: writes ``data`` in chunks, as torch.save writes records."""
+    def write(stream):
+        for offset in range(0, len(data), chunk):
+            stream.write(data[offset:offset + chunk])
+    return write
+
+
+@pytest.mark.parametrize("size, parts", [(800, 0), (1000, 0), (1001, 2), (3500, 4)])
+def test_a_streaming_save_commits_what_the_writer_wrote(location, tmp_path, size, parts):
+    store = location.store(part_size=1000)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    data = content_for(7)[:size]
+    checkpoint = store.save_streaming(writer_of(data), 7, {"loss": 0.5}, staging_dir=staging)
+    # one part's worth or less stays one file, as with save()
+    assert len(checkpoint.parts) == parts
+    assert checkpoint.size == size and checkpoint.adler32 == f"{zlib.adler32(data):08x}"
+    assert checkpoint.metadata["loss"] == 0.5
+    assert store.list() == [checkpoint] and store.verify() == checkpoint
+    assert store.fetch(checkpoint, tmp_path / "back.bin").read_bytes() == data
+    stored = [d.path.rsplit("/", 1)[-1] for d in checkpoint.data_files]
+    assert location.names() == sorted([LATEST, checkpoint.manifest_name] + stored)  # no temporaries
+    assert os.listdir(staging) == []  # the staged bytes are gone with the commit
+
+
+def test_a_streaming_save_sends_parts_before_the_writer_is_done(location, tmp_path):
+    store = location.store(part_size=1000)
+    data = content_for(8)[:3500]
+
+    def write(stream):
+        stream.write(data[:2500])
+        # Parts 0 and 1 are written: both must reach the storage while the writer waits here.
+        deadline = time.monotonic() + 30
+        while not {".ckpt.0000", ".ckpt.0001"} <= {n[-10:] for n in location.names() if ".partial-" not in n}:
+            assert time.monotonic() < deadline, f"no part was published while writing: {location.names()}"
+            time.sleep(0.01)
+        stream.write(data[2500:])
+
+    checkpoint = store.save_streaming(write, 8, staging_dir=tmp_path)
+    assert [p.size for p in checkpoint.parts] == [1000, 1000, 1000, 500]
+    assert store.fetch(checkpoint, tmp_path / "back.bin").read_bytes() == data
+
+
+def test_a_failing_writer_commits_nothing(location, tmp_path):
+    store = location.store(part_size=1000)
+    first = store.save(make_file(tmp_path, 1, 800), 1)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    def write(stream):
+        stream.write(content_for(2)[:2500])  # two parts are complete and go up
+        raise RuntimeError("the serialiser broke")
+
+    with pytest.raises(RuntimeError, match="the serialiser broke"):
+        store.save_streaming(write, 2, staging_dir=staging)
+    assert store.list() == [first]
+    assert location.names() == sorted([LATEST, first.name, first.manifest_name])  # its parts were removed
+    assert os.listdir(staging) == []
+
+
 def test_manifest_versions(location, tmp_path):
     store = location.store(part_size=1000)
     single = store.save(make_file(tmp_path, 1, 800), 1)

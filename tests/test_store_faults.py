@@ -332,9 +332,18 @@ def test_read_only_local_disk(tmp_path, tmpfs):
     assert store.list() == []
 
 
+def endless_writer(stream) -> None:
+    """Writes until the commit gives up on it (StagingAbandoned); 10 s means it never did."""
+    for _ in range(1000):
+        stream.write(os.urandom(64 << 10))
+        time.sleep(0.01)
+    raise AssertionError("the writer was never stopped")
+
+
 @pytest.mark.parametrize("part_size", [None, 256 << 10], ids=["one-file", "in-parts"])
 def test_full_disk_on_the_server(tmp_path, tmpfs, part_size):
-    """In parts, the first parts fit and are published before one fails: all of them go."""
+    """In parts, the first parts fit and are published before one fails: all of them go
+    (also when they are streamed, and then the writer is stopped)."""
     try:
         server = XRootDServer()
     except ServerUnavailable as error:
@@ -357,6 +366,13 @@ def test_full_disk_on_the_server(tmp_path, tmpfs, part_size):
         big.write_bytes(os.urandom(2 << 20))
         error = fails_fast(lambda: store.save(big, 2), url)
         assert "no space left" in str(error).lower()
+        if part_size:
+            # Streamed: the failed part stops a writer that would otherwise never end.
+            staging = tmp_path / "staging"
+            staging.mkdir()
+            error = fails_fast(lambda: store.save_streaming(endless_writer, 3, staging_dir=staging), url)
+            assert "no space left" in str(error).lower()
+            assert os.listdir(staging) == []
         assert store.list() == [first]
         left = os.listdir(server.data_dir / "ckpt")
         assert not [n for n in left if PARTIAL_MARKER in n or n.startswith("step-000000000002")], left

@@ -15,8 +15,9 @@ the same way, and only then move ``LATEST``. A checkpoint without a manifest
 does not exist for readers. A large checkpoint goes up in parts, each published
 (and verified by the storage) on its own, two at a time: the server's adler32
 pass over one part overlaps the upload of the next, where one whole file would
-make the save wait for a full second pass over every byte. Each writer adds a random tag to the names, so two
-writers (a duplicate job) never overwrite each other's files; readers take the
+make the save wait for a full second pass over every byte. ``save_streaming``
+sends each part as soon as the serialiser has written it. Each writer adds a
+random tag to the names, so two writers (a duplicate job) never overwrite each other's files; readers take the
 highest committed step, whatever ``LATEST`` says, so a race between two writers
 cannot move resumption backwards.
 """
@@ -37,13 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, BinaryIO, Callable, NamedTuple, TypeVar
 
 from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
 from ckpt_tasks.lineage import lineage
 from ckpt_tasks.storage.checksum import adler32_concat
 from ckpt_tasks.storage.commit import PARTIAL_MARKER, PublishedFile, publish_file, temporary_name
 from ckpt_tasks.storage.local import LocalFileInterface
+from ckpt_tasks.storage.staging import StagingAbandoned, StagingFile
 from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
 from ckpt_tasks.storage.xrootd import XRootDFileInterface
 
@@ -64,6 +66,11 @@ PART_SIZE = 128 << 20
 _PARTS_IN_FLIGHT = 2
 #: temporary files older than this belong to dead writers and are removed by retention
 STALE_PARTIAL_SECONDS = 3600
+
+
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
 
 
 @dataclass(frozen=True)
@@ -218,30 +225,68 @@ class CheckpointStore:
         ``retention=False`` leaves deleting older checkpoints to the next save (a process
         about to be evicted should spend its last seconds on the commit only).
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        _check_step(step)
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint file to save at {path}")
+        return self._commit(StagingFile.of_complete(path), step, metadata, retention)
+
+    def save_streaming(self, write: Callable[[BinaryIO], None], step: int,
+                       metadata: dict[str, Any] | None = None, retention: bool = True,
+                       staging_dir: str | os.PathLike | None = None) -> Checkpoint:
+        """Commit what ``write(stream)`` writes as the checkpoint of ``step``, for instance
+        ``lambda stream: torch.save(state, stream)``; return what was committed.
+
+        The bytes are staged in a local file in ``staging_dir`` (default: the system's
+        temporary directory), removed afterwards. A checkpoint larger than ``part_size``
+        sends each part as soon as it is written, while ``write`` goes on with the next
+        (``write`` runs in a thread of its own). The commit is the same as ``save``'s.
+        """
+        _check_step(step)
+        handle, name = tempfile.mkstemp(prefix=".ckpt-staging-", dir=staging_dir)
+        os.close(handle)
+        staging = StagingFile(name)
+
+        def serialise() -> None:
+            try:
+                write(staging)
+            except BaseException as error:  # raised to the committing thread by wait_for
+                staging.fail(error)
+            else:
+                staging.finish()
+
+        writer = threading.Thread(target=serialise, name=f"ckpt-serialise-{step}", daemon=True)
+        writer.start()
+        try:
+            return self._commit(staging, step, metadata, retention)
+        finally:
+            staging.abandon()  # a failed commit stops the writer at its next write
+            writer.join()
+            os.unlink(name)
+
+    def _commit(self, source: StagingFile, step: int, metadata: dict[str, Any] | None,
+                retention: bool) -> Checkpoint:
         # Lineage: where and when this checkpoint was made (callers may bring their own).
         metadata = dict(metadata or {})
         metadata.setdefault("lineage", lineage(step=step, loss=metadata.get("loss")))
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
         self.retry.run(lambda: self.files.mkdir_rec(self.root), f"creating {self.root}")
-        size = path.stat().st_size
         # The manifest records the sizes and the adler32s that the storage verified while publishing.
-        if self.part_size is None or size <= self.part_size:
-            published = self.retry.run(lambda: publish_file(self.files, path, self._path(f"{stem}.ckpt")),
+        # More than one part's bytes (or the writer's end) decide between one file and parts.
+        one_part = source.wait_for(None if self.part_size is None else self.part_size + 1)
+        if source.finished and (self.part_size is None or one_part <= self.part_size):
+            published = self.retry.run(lambda: publish_file(self.files, source.path, self._path(f"{stem}.ckpt")),
                                        f"uploading {self._path(f'{stem}.ckpt')}")
             adler32, parts = published.adler32, ()
         else:
-            published_parts = self._publish_parts(path, stem, size)
+            published_parts = self._publish_parts(source, stem)
             adler32 = adler32_concat((p.adler32, p.size) for p in published_parts)
             parts = tuple(Part(p.path.rsplit("/", 1)[-1], p.size, f"{p.adler32:08x}") for p in published_parts)
+        size = source.size
         checkpoint = Checkpoint(
             step=step, name=f"{stem}.ckpt", size=size, adler32=f"{adler32:08x}",
             created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            path=self._path(f"{stem}.ckpt"), metadata=dict(metadata or {}), parts=parts)
+            path=self._path(f"{stem}.ckpt"), metadata=metadata, parts=parts)
         version = MANIFEST_VERSION_PARTS if checkpoint.parts else MANIFEST_VERSION
         manifest = {"version": version, **checkpoint.to_json()}
         self._publish_text(checkpoint.manifest_name, json.dumps(manifest, indent=2, sort_keys=True))
@@ -251,38 +296,52 @@ class CheckpointStore:
             self.apply_retention()
         return checkpoint
 
-    def _publish_parts(self, path: Path, stem: str, size: int) -> list[PublishedFile]:
-        """Publish ``path`` as parts of ``part_size`` bytes, ``_PARTS_IN_FLIGHT`` at a time,
-        one of them sending while the others are checked.
+    def _publish_parts(self, source: StagingFile, stem: str) -> list[PublishedFile]:
+        """Publish ``source`` as parts of ``part_size`` bytes, each as soon as its bytes are
+        written, ``_PARTS_IN_FLIGHT`` at a time, one of them sending while the others are checked.
 
         All or none: when a part fails for good, the parts already published are removed.
         """
-        spans = [(offset, min(self.part_size, size - offset)) for offset in range(0, size, self.part_size)]
         sending = threading.Lock()
 
-        def publish(index: int) -> PublishedFile:
+        def publish(index: int, span: tuple[int, int]) -> PublishedFile:
             dest = self._path(f"{stem}.ckpt.{index:04d}")
 
             def attempt() -> PublishedFile:
                 turn = _SendingTurn(sending)
                 try:
-                    return publish_file(self.files, path, dest, span=spans[index], on_sent=turn.release)
+                    return publish_file(self.files, source.path, dest, span=span, on_sent=turn.release)
                 finally:
                     turn.release()
 
-            return self.retry.run(attempt, f"uploading {dest}")
+            try:
+                return self.retry.run(attempt, f"uploading {dest}")
+            except BaseException:
+                source.abandon()  # the commit has failed: a writer still writing stops
+                raise
 
         with ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="ckpt-part") as pool:
-            futures = [pool.submit(publish, index) for index in range(len(spans))]
+            futures = []
             try:
+                offset = 0
+                while (written := source.wait_for(offset + self.part_size)) > offset:
+                    length = min(self.part_size, written - offset)
+                    futures.append(pool.submit(publish, len(futures), (offset, length)))
+                    offset += length
                 return [future.result() for future in futures]
-            except BaseException:
+            except BaseException as error:
+                source.abandon()
                 for future in futures:
                     future.cancel()
-                for future in futures:
-                    if not future.cancelled() and future.exception() is None:
+                failed = [future.exception() for future in futures if not future.cancelled()]
+                for future, exception in zip((f for f in futures if not f.cancelled()), failed):
+                    if exception is None:
                         with contextlib.suppress(StorageError):  # else an orphan, removed by retention later
                             self.files.remove(future.result().path, silent=True)
+                # A writer stopped because a part failed: the part's error is the one to tell.
+                cause = next((e for e in failed if e is not None), None)
+                if isinstance(error, StagingAbandoned) and cause is not None:
+                    raise cause from None
                 raise
 
     def _publish_text(self, name: str, text: str) -> None:
