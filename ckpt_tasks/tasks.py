@@ -117,10 +117,11 @@ class TaskCheckpointer(Checkpointer):
         def commit():
             import torch
 
-            # Streamed: each part goes up while the next is serialised. On a stop, the last
-            # seconds go to the commit; older checkpoints are deleted by the next run's first.
+            # Streamed through memory: each part goes up while the next is serialised, and no
+            # disk writeback competes with the training. On a stop, the last seconds go to the
+            # commit; older checkpoints are deleted by the next run's first.
             self._store_transfer.commit(lambda stream: torch.save(payload, stream), step, metadata,
-                                        retention=reason == "interval", staging_dir=self._workdir)
+                                        retention=reason == "interval")
 
         # A stop waits for this commit: it must not yield the CPU to anyone.
         self._committer.submit(step, commit, yield_cpu=reason == "interval")

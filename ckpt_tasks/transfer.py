@@ -152,7 +152,8 @@ class StoreTransfer:
         """Commit ``source`` as the checkpoint of ``step`` (callable from a background thread).
 
         ``source`` is a local file, or a function that writes the checkpoint into the
-        stream it is given (``CheckpointStore.save_streaming``, staged in ``staging_dir``).
+        stream it is given (``CheckpointStore.save_streaming``: staged in memory, or in
+        ``staging_dir`` when given).
         ``retention=False`` leaves deleting older checkpoints to the next commit.
         """
         from ckpt_tasks.lineage import trail

@@ -134,13 +134,22 @@ def writer_of(data: bytes, chunk: int = 700):
     return write
 
 
-@pytest.mark.parametrize("size, parts", [(800, 0), (1000, 0), (1001, 2), (3500, 4)])
-def test_a_streaming_save_commits_what_the_writer_wrote(location, tmp_path, size, parts):
+@pytest.mark.parametrize("staged_in", ["memory", "directory"])
+@pytest.mark.parametrize("size, parts", [(800, 0), (1000, 0), (1001, 2), (3500, 4), (10_000, 10)])
+def test_a_streaming_save_commits_what_the_writer_wrote(location, tmp_path, size, parts, staged_in):
     store = location.store(part_size=1000)
     staging = tmp_path / "staging"
     staging.mkdir()
     data = content_for(7)[:size]
-    checkpoint = store.save_streaming(writer_of(data), 7, {"loss": 0.5}, staging_dir=staging)
+    held = []
+
+    def write(stream):
+        for offset in range(0, len(data), 700):
+            stream.write(data[offset:offset + 700])
+            held.append(stream.unreleased)
+
+    checkpoint = store.save_streaming(write, 7, {"loss": 0.5},
+                                      staging_dir=staging if staged_in == "directory" else None)
     # one part's worth or less stays one file, as with save()
     assert len(checkpoint.parts) == parts
     assert checkpoint.size == size and checkpoint.adler32 == f"{zlib.adler32(data):08x}"
@@ -150,6 +159,9 @@ def test_a_streaming_save_commits_what_the_writer_wrote(location, tmp_path, size
     stored = [d.path.rsplit("/", 1)[-1] for d in checkpoint.data_files]
     assert location.names() == sorted([LATEST, checkpoint.manifest_name] + stored)  # no temporaries
     assert os.listdir(staging) == []  # the staged bytes are gone with the commit
+    if staged_in == "memory" and parts:
+        # the parts being published and the one being written, never more
+        assert max(held) <= 3 * 1000, held
 
 
 def test_a_streaming_save_sends_parts_before_the_writer_is_done(location, tmp_path):

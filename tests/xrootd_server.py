@@ -31,11 +31,12 @@ def free_port() -> int:
 class XRootDServer:
     """One xrootd process; ``url`` is ``root://127.0.0.1:PORT``, files live under ``data_dir``."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, directory: str | os.PathLike | None = None):
+        """``directory``: where its files go (default: the system's temporary directory)."""
         if shutil.which("xrootd") is None:
             raise ServerUnavailable("the xrootd binary is not installed (apt-get install xrootd-server)")
         self.port = port or free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="ckpt-xrootd-"))
+        self.root = Path(tempfile.mkdtemp(prefix="ckpt-xrootd-", dir=directory))
         self.data_dir = self.root / "data"
         self.run_dir = self.root / "run"
         self.log = self.root / "xrootd.log"

@@ -237,15 +237,17 @@ class CheckpointStore:
         """Commit what ``write(stream)`` writes as the checkpoint of ``step``, for instance
         ``lambda stream: torch.save(state, stream)``; return what was committed.
 
-        The bytes are staged in a local file in ``staging_dir`` (default: the system's
-        temporary directory), removed afterwards. A checkpoint larger than ``part_size``
-        sends each part as soon as it is written, while ``write`` goes on with the next
-        (``write`` runs in a thread of its own). The commit is the same as ``save``'s.
+        ``write`` runs in a thread of its own. A checkpoint larger than ``part_size`` sends
+        each part as soon as it is written, while ``write`` goes on with the next. The bytes
+        are staged in memory, at most three parts' worth at a time (the writer waits for
+        room), or with ``staging_dir`` in a temporary file there. The commit is
+        the same as ``save``'s.
         """
         _check_step(step)
-        handle, name = tempfile.mkstemp(prefix=".ckpt-staging-", dir=staging_dir)
-        os.close(handle)
-        staging = StagingFile(name)
+        # The parts being published and the one being written; one file is staged whole.
+        capacity = None if self.part_size is None else (_PARTS_IN_FLIGHT + 1) * self.part_size
+        staging = (StagingFile.in_directory(staging_dir) if staging_dir is not None
+                   else StagingFile.in_memory(capacity))
 
         def serialise() -> None:
             try:
@@ -262,7 +264,7 @@ class CheckpointStore:
         finally:
             staging.abandon()  # a failed commit stops the writer at its next write
             writer.join()
-            os.unlink(name)
+            staging.close()
 
     def _commit(self, source: StagingFile, step: int, metadata: dict[str, Any] | None,
                 retention: bool) -> Checkpoint:
@@ -315,10 +317,12 @@ class CheckpointStore:
                     turn.release()
 
             try:
-                return self.retry.run(attempt, f"uploading {dest}")
+                published = self.retry.run(attempt, f"uploading {dest}")
             except BaseException:
                 source.abandon()  # the commit has failed: a writer still writing stops
                 raise
+            source.release(*span)  # stored for good: the writer may reuse its memory
+            return published
 
         with ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="ckpt-part") as pool:
             futures = []
