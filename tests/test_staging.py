@@ -91,3 +91,15 @@ def test_a_complete_file_is_left_in_place(tmp_path):
     assert staging.finished and staging.wait_for(None) == 5
     staging.close()
     assert path.read_bytes() == b"12345"
+
+
+def test_close_frees_the_bytes_a_forked_process_still_holds():
+    staging = StagingFile.in_memory()
+    staging.write(os.urandom(2 << 20))
+    held = os.open(staging.path, os.O_RDONLY)  # as a DataLoader worker forked meanwhile would
+    try:
+        assert os.fstat(held).st_blocks * 512 >= 2 << 20
+        staging.close()
+        assert os.fstat(held).st_blocks == 0
+    finally:
+        os.close(held)

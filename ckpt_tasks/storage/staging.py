@@ -88,6 +88,10 @@ class StagingFile:
 
     def close(self) -> None:
         """Free the staged bytes (a complete file given to ``of_complete`` stays)."""
+        if self._fd is not None and self._size:
+            # A process forked meanwhile (a DataLoader worker) holds the descriptor too: without
+            # this the bytes would live as long as that process.
+            _punch_hole(self._fd, 0, self._size)
         self._close_fd()
         if self._remove:
             self.path.unlink(missing_ok=True)
