@@ -17,9 +17,9 @@ does not exist for readers. A large checkpoint goes up in parts, each published
 pass over one part overlaps the upload of the next, where one whole file would
 make the save wait for a full second pass over every byte. ``save_streaming``
 sends each part as soon as the serialiser has written it. Each writer adds a
-random tag to the names, so two writers (a duplicate job) never overwrite each other's files; readers take the
-highest committed step, whatever ``LATEST`` says, so a race between two writers
-cannot move resumption backwards.
+random tag to the names, so two writers (a duplicate job) never overwrite each
+other's files; readers take the highest committed step, whatever ``LATEST``
+says, so a race between two writers cannot move resumption backwards.
 """
 from __future__ import annotations
 
@@ -337,13 +337,13 @@ class CheckpointStore:
                 source.abandon()
                 for future in futures:
                     future.cancel()
-                failed = [future.exception() for future in futures if not future.cancelled()]
-                for future, exception in zip((f for f in futures if not f.cancelled()), failed):
-                    if exception is None:
+                started = [future for future in futures if not future.cancelled()]
+                for future in started:
+                    if future.exception() is None:
                         with contextlib.suppress(StorageError):  # else an orphan, removed by retention later
                             self.files.remove(future.result().path, silent=True)
                 # A writer stopped because a part failed: the part's error is the one to tell.
-                cause = next((e for e in failed if e is not None), None)
+                cause = next((f.exception() for f in started if f.exception() is not None), None)
                 if isinstance(error, StagingAbandoned) and cause is not None:
                     raise cause from None
                 raise
