@@ -135,10 +135,10 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
                      threads: int) -> dict:
     """Steps per second with a checkpoint every ``interval`` s against none, training on ``threads``.
 
-    One training runs for about ``seconds`` in windows of ``interval`` seconds that
-    alternate: a window that begins with a checkpoint (the snapshot in the loop, the
-    commit in the background, which ends inside the window: a busy committer extends
-    it), then a window without. A checkpoint window is one period of a training that
+    One training runs for about ``seconds`` in pairs of windows of ``interval`` seconds:
+    a window that begins with a checkpoint (the snapshot in the loop, the commit in the
+    background, which ends inside the window: a busy committer extends it) and a
+    window without, in alternating order. A checkpoint window is one period of a training that
     checkpoints every ``interval`` s. Alternating at that grain cancels the drift of a
     shared machine's speed, which separate runs of minutes measure as a difference.
     Each window ends at a step boundary, and its rate is its steps over its exact time.
@@ -156,7 +156,8 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
         settle()
         rates = {}
         for window in range(2 * max(1, round(seconds / (2 * interval)))):
-            with_checkpoint = window % 2 == 0
+            # Pairs alternate which window comes first, so a drift favours neither.
+            with_checkpoint = (window % 2 == 0) == (window // 2 % 2 == 0)
             before = process_cpu_seconds(server.process.pid)
             count, start, waited = 0, time.perf_counter(), False
             while True:
@@ -175,7 +176,7 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
             rates[with_checkpoint] = count / took
             if with_checkpoint:
                 server_cpu += process_cpu_seconds(server.process.pid) - before
-            else:
+            if window % 2 == 1:
                 pair_ratios.append(rates[True] / rates[False])
         ckpt._committer.wait()
     finally:
@@ -264,7 +265,7 @@ def main() -> int:
     print(f"| stall per checkpoint, sync | {stall['sync']:.3f} s | bare copy {stall['bare']:.3f} s "
           f"| {stall['sync'] / stall['bare']:.2f}x | (for comparison) |")
     for throughput in throughputs:
-        print(f"| throughput, checkpoint every {args.interval:.0f} s, training on {throughput['threads']} of "
+        print(f"| throughput, checkpoint every {args.interval:g} s, training on {throughput['threads']} of "
               f"{os.cpu_count()} cores | {throughput['with']:.2f} steps/s | none {throughput['without']:.2f} steps/s "
               f"| {100 * throughput['with'] / throughput['without']:.1f} % | >= 95 % |")
     print(f"| SIGTERM to committed final checkpoint | {stop['ours']:.3f} s | snapshot + xrdcp "
@@ -272,9 +273,9 @@ def main() -> int:
     print(f"| same, a commit in flight when SIGTERM comes | {stop_busy['ours']:.3f} s | snapshot + xrdcp "
           f"{stop_busy['raw']:.3f} s | {stop_busy['ours'] / stop_busy['raw']:.2f}x | (worst case) |")
     for throughput in throughputs:
-        print(f"\ntraining on {throughput['threads']} threads: {throughput['pairs']} pairs of {args.interval:.0f} s "
+        print(f"\ntraining on {throughput['threads']} threads: {throughput['pairs']} pairs of {args.interval:g} s "
               f"windows; {throughput['extended']} checkpoint windows waited for their commit past "
-              f"{args.interval:.0f} s; the XRootD server (on this machine) used {throughput['server_cpu']:.2f} s "
+              f"{args.interval:g} s; the XRootD server (on this machine) used {throughput['server_cpu']:.2f} s "
               f"of CPU per checkpoint window")
         print("  with/without per pair:", [round(r, 3) for r in throughput["pair_ratios"]])
     for label, result in (("stop", stop), ("stop, commit in flight", stop_busy)):

@@ -113,6 +113,7 @@ class TaskCheckpointer(Checkpointer):
             # A stop: the loop never runs again (the process exits after this commit), so
             # the live state is serialised as it is, without the time of a copy.
             payload = state.state_dict()
+            _wait_for_cuda()  # the commit thread copies from the device: every kernel must be done
 
         def commit():
             import torch
@@ -148,6 +149,13 @@ class TaskCheckpointer(Checkpointer):
 
     def _exit(self, code: int) -> None:
         exit_process(code)
+
+
+def _wait_for_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def checkpoint_metadata(state: TrainingState, reason: str) -> dict:

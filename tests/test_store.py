@@ -159,9 +159,21 @@ def test_a_streaming_save_commits_what_the_writer_wrote(location, tmp_path, size
     stored = [d.path.rsplit("/", 1)[-1] for d in checkpoint.data_files]
     assert location.names() == sorted([LATEST, checkpoint.manifest_name] + stored)  # no temporaries
     assert os.listdir(staging) == []  # the staged bytes are gone with the commit
+    assert not staging_descriptors()  # and so are their descriptors
     if staged_in == "memory" and parts:
         # the parts being published and the one being written, never more
         assert max(held) <= 3 * 1000, held
+
+
+def staging_descriptors() -> list[str]:
+    """What this process's open descriptors of staged checkpoints point to."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return [t for t in targets if "ckpt-staging" in t]
 
 
 def test_a_streaming_save_sends_parts_before_the_writer_is_done(location, tmp_path):

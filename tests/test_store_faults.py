@@ -367,11 +367,13 @@ def test_full_disk_on_the_server(tmp_path, tmpfs, part_size):
         error = fails_fast(lambda: store.save(big, 2), url)
         assert "no space left" in str(error).lower()
         if part_size:
-            # Streamed: the failed part stops a writer that would otherwise never end.
+            # Streamed: the failed part stops a writer that would otherwise never end, whether
+            # it is writing (staged on disk) or waiting for room (in memory, three parts at most).
             staging = tmp_path / "staging"
             staging.mkdir()
-            error = fails_fast(lambda: store.save_streaming(endless_writer, 3, staging_dir=staging), url)
-            assert "no space left" in str(error).lower()
+            for staging_dir in (staging, None):
+                error = fails_fast(lambda: store.save_streaming(endless_writer, 3, staging_dir=staging_dir), url)
+                assert "no space left" in str(error).lower()
             assert os.listdir(staging) == []
         assert store.list() == [first]
         left = os.listdir(server.data_dir / "ckpt")

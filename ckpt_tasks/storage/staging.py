@@ -70,14 +70,16 @@ class StagingFile:
     def in_memory(cls, capacity: int | None = None, directory: str | os.PathLike | None = None) -> "StagingFile":
         """Staged in memory, at most ``capacity`` unreleased bytes at a time (None: no bound).
 
-        Where the system has no ``memfd`` (outside Linux), a temporary file in
-        ``directory`` stands in for it.
+        Where the system has no ``memfd`` (outside Linux, or a sandbox that forbids
+        it), a temporary file in ``directory`` stands in for it.
         """
-        if not hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("ckpt-staging")
+        except (AttributeError, OSError) as error:  # no memfd here, or a sandbox forbids it
+            logger.debug("staging on disk instead of in memory: %s", error)
             return cls.in_directory(directory, capacity)
-        fd = os.memfd_create("ckpt-staging")  # close-on-exec: forked workers do not keep it
-        # Readers open it by this path, as they would open a file.
-        return cls(Path(f"/proc/{os.getpid()}/fd/{fd}"), fd, capacity=capacity)
+        # Readers (threads of this process) open it by this path, as they would open a file.
+        return cls(Path(f"/proc/self/fd/{fd}"), fd, capacity=capacity)
 
     @classmethod
     def in_directory(cls, directory: str | os.PathLike | None = None,
@@ -155,12 +157,15 @@ class StagingFile:
 
     def wait_for(self, end: int | None) -> int:
         """Wait until there are at least ``end`` bytes (None: until the writer finished) or the
-        writer finished with fewer; return how many there are. Raises the writer's error."""
+        writer finished with fewer; return how many there are. Raises the writer's error, or
+        ``StagingAbandoned`` once the commit gave up."""
         with self._changed:
-            self._changed.wait_for(lambda: self._error is not None or self._finished
+            self._changed.wait_for(lambda: self._error is not None or self._finished or self._abandoned
                                    or (end is not None and self._size >= end))
             if self._error is not None:
                 raise self._error
+            if self._abandoned and not self._finished:
+                raise StagingAbandoned("the commit gave up; no more bytes will come")
             return self._size
 
     def release(self, offset: int, length: int) -> None:
@@ -188,15 +193,25 @@ class StagingFile:
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = None
+
+
+def _find_fallocate():
+    """Linux's ``fallocate`` (64-bit offsets), or None where the C library has none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (AttributeError, OSError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return function
+
+
+_fallocate = _find_fallocate()
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the pages of a byte range (Linux ``fallocate``); where that fails the memory is
-    freed at close instead."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    """Free the pages of a byte range; where the system cannot, they are freed with the file."""
+    if _fallocate is None:
+        return
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         logger.debug("could not free staged bytes: %s", os.strerror(ctypes.get_errno()))

@@ -45,7 +45,7 @@ from ckpt_tasks.lineage import lineage
 from ckpt_tasks.storage.checksum import adler32_concat
 from ckpt_tasks.storage.commit import PARTIAL_MARKER, PublishedFile, publish_file, temporary_name
 from ckpt_tasks.storage.local import LocalFileInterface
-from ckpt_tasks.storage.staging import StagingAbandoned, StagingFile
+from ckpt_tasks.storage.staging import StagingFile
 from ckpt_tasks.storage.location import is_xrootd_url, local_path_from, parse_xrootd_url
 from ckpt_tasks.storage.xrootd import XRootDFileInterface
 
@@ -244,10 +244,14 @@ class CheckpointStore:
         the same as ``save``'s.
         """
         _check_step(step)
-        # The parts being published and the one being written; one file is staged whole.
-        capacity = None if self.part_size is None else (_PARTS_IN_FLIGHT + 1) * self.part_size
-        staging = (StagingFile.in_directory(staging_dir) if staging_dir is not None
-                   else StagingFile.in_memory(capacity))
+        if self.part_size is None:
+            # One file: staged whole, so on disk rather than in memory the size of the checkpoint.
+            staging = StagingFile.in_directory(staging_dir)
+        else:
+            # The parts being published and the one being written.
+            capacity = (_PARTS_IN_FLIGHT + 1) * self.part_size
+            staging = (StagingFile.in_directory(staging_dir, capacity) if staging_dir is not None
+                       else StagingFile.in_memory(capacity))
 
         def serialise() -> None:
             try:
@@ -258,12 +262,13 @@ class CheckpointStore:
                 staging.finish()
 
         writer = threading.Thread(target=serialise, name=f"ckpt-serialise-{step}", daemon=True)
-        writer.start()
         try:
+            writer.start()
             return self._commit(staging, step, metadata, retention)
         finally:
             staging.abandon()  # a failed commit stops the writer at its next write
-            writer.join()
+            if writer.is_alive():
+                writer.join()
             staging.close()
 
     def _commit(self, source: StagingFile, step: int, metadata: dict[str, Any] | None,
@@ -342,9 +347,9 @@ class CheckpointStore:
                     if future.exception() is None:
                         with contextlib.suppress(StorageError):  # else an orphan, removed by retention later
                             self.files.remove(future.result().path, silent=True)
-                # A writer stopped because a part failed: the part's error is the one to tell.
+                # A part that failed for good stopped the writer: its error is the one to tell.
                 cause = next((f.exception() for f in started if f.exception() is not None), None)
-                if isinstance(error, StagingAbandoned) and cause is not None:
+                if cause is not None and cause is not error:
                     raise cause from None
                 raise
 
