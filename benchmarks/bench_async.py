@@ -6,10 +6,11 @@
    (serialise + commit) against a bare copy of the state dict to CPU.
    Goal: async stall <= 1.5x the bare copy.
 2. Training throughput with a checkpoint every 10 s against none. Goal: >= 95 %.
-   One training, in 10 s windows that alternate between one with a checkpoint and
-   one without (see ``bench_throughput``). Measured twice: training on every core (a CPU-only training, where serialising,
-   uploading and the local XRootD server take CPU from it) and on all cores but
-   one (the loop waits on a GPU, or a core is left for I/O).
+   One training, in pairs of 10 s windows, one with a checkpoint and one without
+   (see ``bench_throughput``). Measured twice: training on every core (a CPU-only
+   training, where serialising, uploading and the local XRootD server take CPU
+   from it) and on all cores but one (the loop waits on a GPU, or a core is left
+   for I/O).
 3. Stop on SIGTERM: the final commit (wait for the one in flight, snapshot,
    serialise, commit to XRootD) against a snapshot plus a raw ``xrdcp`` of the
    same bytes. Goal: <= 1.2x.
@@ -138,8 +139,8 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
     One training runs for about ``seconds`` in pairs of windows of ``interval`` seconds:
     a window that begins with a checkpoint (the snapshot in the loop, the commit in the
     background, which ends inside the window: a busy committer extends it) and a
-    window without, in alternating order. A checkpoint window is one period of a training that
-    checkpoints every ``interval`` s. Alternating at that grain cancels the drift of a
+    window without, in alternating order. A checkpoint window is one period of a
+    training that checkpoints every ``interval`` s. Alternating at that grain cancels the drift of a
     shared machine's speed, which separate runs of minutes measure as a difference.
     Each window ends at a step boundary, and its rate is its steps over its exact time.
     """

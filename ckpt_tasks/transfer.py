@@ -148,12 +148,11 @@ class StoreTransfer:
         self.commit(local, self.step_of(), self.metadata_of())
 
     def commit(self, source: Path | Callable[[BinaryIO], None], step: int, metadata: dict,
-               retention: bool = True, staging_dir: Path | None = None) -> None:
+               retention: bool = True) -> None:
         """Commit ``source`` as the checkpoint of ``step`` (callable from a background thread).
 
         ``source`` is a local file, or a function that writes the checkpoint into the
-        stream it is given (``CheckpointStore.save_streaming``: staged in memory, or in
-        ``staging_dir`` when given).
+        stream it is given (``CheckpointStore.save_streaming``).
         ``retention=False`` leaves deleting older checkpoints to the next commit.
         """
         from ckpt_tasks.lineage import trail
@@ -161,8 +160,7 @@ class StoreTransfer:
         metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
                     "lineage_trail": trail(self.last_committed)}
         if callable(source):
-            self.last_committed = self.checkpoints.save_streaming(source, step, metadata, retention=retention,
-                                                                  staging_dir=staging_dir)
+            self.last_committed = self.checkpoints.save_streaming(source, step, metadata, retention=retention)
         else:
             self.last_committed = self.checkpoints.save(source, step, metadata, retention=retention)
         self.last_committed_step = step
