@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
+from ckpt_tasks.errors import CkptTasksError
 from ckpt_tasks.htcondor.jobad import JobAd
-from ckpt_tasks.storage.commit import publish_file, temporary_name
+from ckpt_tasks.local_checkpoint import LocalCheckpointPath
+from ckpt_tasks.storage.commit import publish_file
 from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import XRootDURL
 from ckpt_tasks.storage.xrootd import XRootDFileInterface
@@ -40,7 +44,7 @@ class LocalOnly:
         pass
 
     def retrieve(self, local: Path) -> bool:
-        return local.exists()
+        return LocalCheckpointPath(local).exists()
 
 
 class HTCondorSpool(LocalOnly):
@@ -65,7 +69,12 @@ class HTCondorSpool(LocalOnly):
 
 
 class StorageCopy:
-    """Modes ``shared`` and ``xrootd``: publish the file to a path on a storage, complete or absent."""
+    """Modes ``shared`` and ``xrootd``: publish the file to a path on a storage, complete or absent.
+
+    A checkpoint that is a directory is stored as one uncompressed tar file whose only
+    top-level entry is :data:`DIRECTORY_ARCHIVE_ROOT`, and unpacked and swapped in as a
+    whole on retrieval; nothing else is ever unpacked.
+    """
 
     removes_local_copy = True
 
@@ -74,19 +83,77 @@ class StorageCopy:
         self.target = target
 
     def store(self, local: Path) -> None:
-        publish_file(self.files, local, self.target)
+        if not local.is_dir():
+            publish_file(self.files, local, self.target)
+            return
+        archive = LocalCheckpointPath(local).partial().with_suffix(".tar")
+        try:
+            pack_directory(local, archive)
+            publish_file(self.files, archive, self.target)
+        finally:
+            archive.unlink(missing_ok=True)
 
     def retrieve(self, local: Path) -> bool:
         if not self.files.exists(self.target):
             return False
-        # Download beside the local file and rename, so a crash never leaves half of it.
-        partial = Path(temporary_name(local))
+        # Download beside the local file and swap in, so a crash never leaves half of it.
+        checkpoint = LocalCheckpointPath(local)
+        partial = checkpoint.partial()
+        unpacked = partial.with_name(partial.name + ".d")
         try:
             self.files.download(self.target, partial)
-            os.replace(partial, local)
+            if unpack_directory(partial, unpacked):
+                checkpoint.swap_in(unpacked)
+            else:
+                checkpoint.swap_in(partial)
         finally:
             partial.unlink(missing_ok=True)
+            if unpacked.exists():
+                shutil.rmtree(unpacked)
         return True
+
+
+def remove_local(local: Path) -> None:
+    """Remove the local checkpoint, a file or a directory."""
+    if local.is_dir() and not local.is_symlink():
+        shutil.rmtree(local)
+    else:
+        local.unlink(missing_ok=True)
+
+
+#: the top-level entry of the tar file that holds a directory checkpoint on a storage
+DIRECTORY_ARCHIVE_ROOT = "ckpt_tasks-directory-checkpoint"
+
+
+def pack_directory(directory: Path, archive: Path) -> None:
+    """Write ``directory`` into the tar file ``archive`` under :data:`DIRECTORY_ARCHIVE_ROOT`."""
+    with tarfile.open(archive, "w") as tar:
+        tar.add(directory, arcname=DIRECTORY_ARCHIVE_ROOT, recursive=True)
+
+
+def unpack_directory(archive: Path, destination: Path) -> bool:
+    """Unpack a directory checkpoint written by :func:`pack_directory` into ``destination``.
+
+    Returns False (and unpacks nothing) for any other file: a file checkpoint that
+    happens to be a tar file stays a file. Only regular files and directories under
+    the archive's root are taken ("data" filter: no links out, no devices).
+    """
+    if not tarfile.is_tarfile(archive):
+        return False
+    with tarfile.open(archive, "r") as tar:
+        first = tar.next()
+        if first is None or first.name != DIRECTORY_ARCHIVE_ROOT or not first.isdir():
+            return False
+        destination.mkdir()
+        prefix = DIRECTORY_ARCHIVE_ROOT + "/"
+        members = []
+        for member in tar.getmembers()[1:]:
+            if not member.name.startswith(prefix):
+                raise CkptTasksError(f"{archive}: unexpected entry {member.name!r} in a directory checkpoint")
+            member.name = member.name[len(prefix):]
+            members.append(member)
+        tar.extractall(destination, members=members, filter="data")
+    return True
 
 
 def shared_copy(target: Path) -> StorageCopy:
@@ -100,8 +167,11 @@ def xrootd_copy(url: XRootDURL) -> StorageCopy:
 class ManualCallback:
     """Mode ``manual``: a user callback ``callback(src, dst, **kwargs)`` moves the file both ways.
 
-    For restoring, the callback is called with source and destination swapped; a
-    ``FileNotFoundError`` from it means "no checkpoint yet", any other error is raised.
+    For restoring, the callback is called with source and destination swapped. It
+    says "nothing stored yet" by raising ``FileNotFoundError`` (or by writing nothing);
+    any other exception means the storage could not be asked, and is raised with a
+    note naming the callback: a training must not start from scratch because a copy
+    command failed.
     """
 
     removes_local_copy = True
@@ -120,7 +190,14 @@ class ManualCallback:
         except FileNotFoundError as error:
             logger.info("no checkpoint at %s (%s)", self.target, error)
             return False
-        return local.exists()
+        except Exception as error:
+            # The callback's own exception goes up unchanged (callers may catch its type),
+            # with a note on what it interrupted.
+            name = getattr(self.callback, "__qualname__", repr(self.callback))
+            error.add_note(f"raised by checkpoint_transfer_callback {name}({self.target!r}, {str(local)!r}) "
+                           "while restoring; it must raise FileNotFoundError when nothing is stored yet")
+            raise
+        return LocalCheckpointPath(local).exists()
 
 
 class StoreTransfer:

@@ -1,0 +1,124 @@
+"""The local checkpoint: a file or a directory, replaced as a whole or not at all.
+
+A checkpoint function is given a temporary path beside the final one, with the
+final name's full suffix (Keras' ``save_weights`` insists on ``*.weights.h5``), and
+the result is swapped in:
+
+- a file by one ``rename`` (atomic);
+- a directory by two: the old one is moved aside under a ``.previous`` name first.
+  A crash between the two leaves the old directory there, and :meth:`recover`
+  puts it back.
+
+A checkpoint function that ignores the path it is given and writes the final path
+itself (the seed's Keras callback does) still works: the old checkpoint is moved
+aside under a ``.before-write`` name first, and removed once the function returned.
+A crash while it writes leaves that name behind, so :meth:`recover` knows the final
+path may be torn and puts the old checkpoint back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from ckpt_tasks.errors import CkptTasksError
+
+logger = logging.getLogger(__name__)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class LocalCheckpointPath:
+    """Writes and swaps in the checkpoint at ``path`` (a file or a directory)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def _previous(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.previous")
+
+    @property
+    def _before_write(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.before-write")
+
+    def partial(self) -> Path:
+        """A new temporary path beside the final one, ending with its full suffix."""
+        name = self.path.name
+        stem, dot, suffixes = name.partition(".") if not name.startswith(".") else (name, "", "")
+        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return self.path.with_name(f".{stem}.partial-{tag}{dot}{suffixes}")
+
+    def exists(self) -> bool:
+        """Whether a complete checkpoint is there (after :meth:`recover`)."""
+        self.recover()
+        return self.path.exists()
+
+    def recover(self) -> None:
+        """Undo what a crash in the middle of a swap or an in-place write left behind."""
+        if self._before_write.exists() or self._before_write.is_symlink():
+            logger.warning("%s may be torn (a write was interrupted); the checkpoint before it is put back",
+                           self.path)
+            if self.path.exists():
+                _remove(self.path)
+            os.replace(self._before_write, self.path)
+        if self._previous.exists():
+            if self.path.exists():
+                _remove(self._previous)  # the swap had finished
+            else:
+                os.replace(self._previous, self.path)
+
+    def swap_in(self, partial: Path) -> None:
+        """Make ``partial`` (a complete file or directory) the checkpoint."""
+        self.recover()
+        if partial.is_dir() or self.path.is_dir():
+            if self.path.exists():
+                os.replace(self.path, self._previous)
+            os.replace(partial, self.path)
+            if self._previous.exists():
+                _remove(self._previous)
+        else:
+            os.replace(partial, self.path)
+
+    def write(self, writer: Callable[[Path], object]) -> None:
+        """Run ``writer(partial)`` and swap the result in: complete or absent.
+
+        Raises when the writer wrote neither to the path it was given nor to the final
+        path. An exception from the writer leaves the previous checkpoint in place.
+        """
+        self.recover()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.partial()
+        if self.path.exists():
+            os.replace(self.path, self._before_write)
+        try:
+            writer(partial)
+            if partial.exists():
+                if self.path.exists():  # the writer wrote both: the path it was given wins
+                    _remove(self.path)
+                os.replace(partial, self.path)
+            elif not self.path.exists():
+                raise CkptTasksError(
+                    f"checkpoint_function wrote nothing to the path it was given ({partial}) "
+                    f"nor to {self.path}; it must write the checkpoint to the path it is given")
+            else:
+                logger.debug("checkpoint_function wrote %s itself, not the temporary path", self.path)
+        except BaseException:
+            if partial.exists():
+                _remove(partial)
+            if self._before_write.exists():
+                if self.path.exists():
+                    _remove(self.path)
+                os.replace(self._before_write, self.path)
+            raise
+        if self._before_write.exists():
+            _remove(self._before_write)
