@@ -429,20 +429,24 @@ def test_signal_before_any_value_leaves_storage_untouched(tmp_path):
     assert read_int(target) == 7
 
 
-def test_signal_after_restore_before_step_saves_the_restored_value(tmp_path):
+def test_signal_after_restore_before_step_leaves_the_stored_checkpoint(tmp_path):
+    # The seed's PyTorch example: restore returns a state dict, the function saves a model's
+    # state_dict(); a signal before the model is stepped must exit 85 and save nothing.
     target = tmp_path / "persistent.txt"
     write_text(target, 7)
     body = f"""
-    ckpt = Checkpointer(Path("local.txt"), write_text, read_int,
+    ckpt = Checkpointer(Path("local.txt"), lambda path, model: write_text(path, model.state_dict()), read_int,
                         checkpoint_transfer_mode="shared", checkpoint_transfer_target={str(target)!r})
     say("restored", ckpt.restore(0))
     time.sleep(60)
     """
     child = Child(body, tmp_path)
     assert child.wait_for("restored") == "restored 7"
+    before = target.stat().st_mtime_ns
     child.signal(signal.SIGTERM)
-    assert child.finish() == 85
+    assert child.finish() == 85, child.output
     assert read_int(target) == 7
+    assert target.stat().st_mtime_ns == before
 
 
 def test_htcondor_signal_before_any_value_and_no_file_avoids_a_hold(tmp_path):
