@@ -116,10 +116,10 @@ def bench_stall(state, tmp: Path, server_url: str, repeat: int) -> dict:
         for _ in range(repeat):
             train_step(state)
             results["bare"].append(timed(lambda: bare_copy(state)))
-            async_._committer.wait()  # measure the snapshot, not a wait for the previous commit
-            results["async"].append(timed(lambda: async_._save(state)))
-            async_._committer.wait()
-            results["sync"].append(timed(lambda: sync._save(state)))
+            async_.committer.wait()  # measure the snapshot, not a wait for the previous commit
+            results["async"].append(timed(lambda: async_.committer.save(state)))
+            async_.committer.wait()
+            results["sync"].append(timed(lambda: sync.committer.save(state)))
     finally:
         sync.close()
         async_.close()
@@ -152,8 +152,8 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
     pair_ratios, extended, server_cpu = [], 0, 0.0
     try:
         train_step(state)
-        ckpt._save(state)  # warm-up: from here on the snapshot reuses its buffers, as in a long training
-        ckpt._committer.wait()
+        ckpt.committer.save(state)  # warm-up: from here on the snapshot reuses its buffers, as in a long training
+        ckpt.committer.wait()
         settle()
         rates = {}
         for window in range(2 * max(1, round(seconds / (2 * interval)))):
@@ -165,9 +165,9 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
                 train_step(state)
                 count += 1
                 if with_checkpoint and count == 1:
-                    ckpt._save(state)  # due at the end of the window's first step
+                    ckpt.committer.save(state)  # due at the end of the window's first step
                 if time.perf_counter() - start >= interval:
-                    if not (with_checkpoint and ckpt._committer.busy):
+                    if not (with_checkpoint and ckpt.committer.busy):
                         break
                     waited = True
             took = time.perf_counter() - start
@@ -179,7 +179,7 @@ def bench_throughput(state, tmp: Path, server: XRootDServer, seconds: float, int
                 server_cpu += process_cpu_seconds(server.process.pid) - before
             if window % 2 == 1:
                 pair_ratios.append(rates[True] / rates[False])
-        ckpt._committer.wait()
+        ckpt.committer.wait()
     finally:
         ckpt.close()
         torch.set_num_threads(previous_threads)
@@ -207,9 +207,9 @@ def bench_stop(state, tmp: Path, server_url: str, repeat: int, in_flight: bool) 
                 settle()
                 train_step(state)
                 if in_flight:
-                    ckpt._save(state)      # a commit in flight when the signal comes
+                    ckpt.committer.save(state)      # a commit in flight when the signal comes
                     train_step(state)
-                times["ours"].append(timed(lambda: ckpt._save_final(state)))
+                times["ours"].append(timed(lambda: ckpt.committer.save_final(state)))
             finally:
                 ckpt.close()
 

@@ -8,6 +8,9 @@ the checkpoint.
 ``BackgroundCommitter`` serialises and commits one snapshot at a time in a
 thread; the next checkpoint waits for the previous one, so at most one is in
 flight and the snapshot buffers are never overwritten while being written.
+
+``TrainingStateCommitter`` puts both together as the committer of a Checkpointer
+whose value is a ``TrainingState``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import os
 import threading
 import time
 from typing import Any, Callable
+
+from ckpt_tasks.policy import SaveReason
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +128,97 @@ class BackgroundCommitter:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def wait_for_cuda() -> None:
+    """Wait for every CUDA kernel, so a thread that copies from the device sees final values."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def checkpoint_metadata(state: Any, reason: SaveReason | str) -> dict:
+    """What a manifest says about a TrainingState at a checkpoint (read by ``ckpt-tasks history``)."""
+    metadata = {"epoch": state.epoch, "batch": state.batch, "reason": str(reason)}
+    losses = state.metrics.get("loss")
+    if losses:
+        metadata["loss"] = losses[-1]
+    return metadata
+
+
+class TrainingStateCommitter:
+    """A Checkpointer's committer for a TrainingState: commits into a CheckpointStore.
+
+    - ``save`` (due by the save policy): with ``asynchronous=True`` the loop pays only
+      for an in-memory snapshot; serialisation and commit run in the background, one at
+      a time, each part going up while the next is serialised. Otherwise it commits at once.
+    - ``save_final`` (a stop): waits for the commit in flight, then commits the current
+      step (unless that step is committed already), all within ``stop_deadline``
+      seconds; past it, the newest committed checkpoint stays valid and the log says
+      which steps are lost.
+    """
+
+    def __init__(self, state: Any, store_transfer: Any, asynchronous: bool = True,
+                 stop_deadline: float = 300.0):
+        self.state = state
+        self.store_transfer = store_transfer  # a StoreTransfer
+        self.asynchronous = asynchronous
+        self.stop_deadline = stop_deadline
+        self.background = BackgroundCommitter()
+        self._snapshotter = Snapshotter()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a commit runs in the background."""
+        return self.background.busy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the commit in flight (False: ``timeout`` passed); raise its error, if it failed."""
+        return self.background.wait(timeout)
+
+    def save(self, value: Any = None) -> None:
+        """Commit the state's current step, in the background when asynchronous."""
+        self.background.wait()  # at most one in flight; its buffers are reused below
+        self._submit(SaveReason.INTERVAL)
+        if not self.asynchronous:
+            self.background.wait()
+
+    def save_final(self, value: Any = None) -> None:
+        """Commit the current step before the process stops (see the class docstring)."""
+        deadline = time.monotonic() + self.stop_deadline
+        try:
+            finished = self.background.wait(timeout=self.stop_deadline)
+        except Exception as error:  # the commit in flight failed; the final one may still work
+            logger.error("the checkpoint in flight failed: %s", error)
+            finished = True
+        if finished and self.store_transfer.last_committed_step != self.state.step:
+            self._submit(SaveReason.SIGNAL)
+            finished = self.background.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if not finished:
+            logger.error("the final checkpoint of step %d was not committed within %.0f s; the newest "
+                         "committed checkpoint is step %s, so the steps after it are lost",
+                         self.state.step, self.stop_deadline, self.store_transfer.last_committed_step)
+
+    def _submit(self, reason: SaveReason) -> None:
+        state = self.state
+        step, metadata = state.step, checkpoint_metadata(state, reason)
+        if reason is SaveReason.INTERVAL and self.asynchronous:
+            payload = self._snapshotter.snapshot(state.state_dict())
+        else:
+            # A stop (or a synchronous save): the loop does not run during this commit, so the
+            # live state is serialised as it is, without the time of a copy.
+            payload = state.state_dict()
+            wait_for_cuda()  # the commit thread copies from the device: every kernel must be done
+
+        def commit():
+            import torch
+
+            # Streamed through memory: each part goes up while the next is serialised, and no
+            # disk writeback competes with the training. On a stop, the last seconds go to the
+            # commit; older checkpoints are deleted by the next run's first.
+            self.store_transfer.commit(lambda stream: torch.save(payload, stream), step, metadata,
+                                       retention=reason is SaveReason.INTERVAL)
+
+        # A stop waits for this commit: it must not yield the CPU to anyone.
+        self.background.submit(step, commit, yield_cpu=reason is SaveReason.INTERVAL)

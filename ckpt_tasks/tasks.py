@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,8 @@ from typing import Any
 import law
 import luigi
 
-from ckpt_tasks.async_checkpoint import BackgroundCommitter, Snapshotter
-from ckpt_tasks.checkpointer import Checkpointer, exit_process
+from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
+from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
@@ -55,116 +56,40 @@ DEFAULT_STORE = "$CKPT_TASKS_DATA/checkpoints"
 class TaskCheckpointer(Checkpointer):
     """The Checkpointer of a CheckpointedTask: commits a TrainingState into a CheckpointStore.
 
-    - It stops only at the end of a training step: the state is a live model,
-      inconsistent in the middle of one.
-    - With ``asynchronous=True`` a due checkpoint costs the loop only an in-memory
-      snapshot; serialisation and commit run in the background, one at a time, and
-      each part of the checkpoint goes up while the next is serialised.
-    - On a stop it waits for the commit in flight, then commits the current step,
-      all within ``stop_deadline`` seconds; past it, the newest committed
-      checkpoint stays valid and the log says which steps are lost.
-    - It leaves the process with ``os._exit``: luigi catches SystemExit and would
-      report a failure instead of exit code 85.
-    """
+    It is the seed's Checkpointer composed with a :class:`TrainingStateCommitter`
+    (asynchronous commits, a bounded final commit) and a StoreTransfer:
 
-    defer_signals = True
+    - it stops only at the end of a training step (``defer_signals``): the state is a
+      live model, inconsistent in the middle of one;
+    - it leaves the process with ``os._exit`` (``hard_exit``): luigi catches SystemExit
+      and would report a failure instead of exit code 85;
+    - with ``exit_interval`` it stops by itself after that many seconds, at the end of
+      a step, as after a signal: HTCondor spools the checkpoint (spool mode) and
+      restarts the job at once.
+    """
 
     def __init__(self, workdir: Path, state: TrainingState, store_transfer: StoreTransfer,
                  exit_interval: float | None = None, asynchronous: bool = True,
                  stop_deadline: float = 300.0, **kwargs):
-        self._store_transfer = store_transfer
-        self._state = state
-        self._workdir = workdir
-        self._exit_interval = exit_interval
-        self._asynchronous = asynchronous
-        self._stop_deadline = stop_deadline
+        self.exit_interval = exit_interval
         self._started = time.monotonic()
-        self._snapshotter = Snapshotter()
-        self._committer = BackgroundCommitter()
         super().__init__(workdir / "state.pt", lambda path, value: value.save(path),
-                         lambda path: state.load(path) or state, **kwargs)
-
-    def _make_transfer(self):
-        return self._store_transfer
+                         lambda path: state.load(path) or state, defer_signals=True, hard_exit=True,
+                         transfer=store_transfer,
+                         committer=TrainingStateCommitter(state, store_transfer, asynchronous, stop_deadline),
+                         **kwargs)
 
     def step(self, value: Any) -> None:
+        """The Checkpointer's step; past ``exit_interval`` it then commits and exits."""
+        if self.exit_interval and time.monotonic() - self._started >= self.exit_interval \
+                and not self.stop_requested:
+            logger.info("checkpoint exit after %.0f s", time.monotonic() - self._started)
+            self.stop_guard.request(signal.SIGTERM)
         super().step(value)
-        # A voluntary exit loses nothing once the current step is committed: HTCondor
-        # spools the checkpoint (spool mode) and restarts the job at once.
-        if self._exit_interval and time.monotonic() - self._started >= self._exit_interval:
-            self._save_final(self._state)
-            logger.info("checkpoint exit after %.0f s at step %d", time.monotonic() - self._started,
-                        self._state.step)
-            self._exit(self.checkpoint_exit_code)
-
-    def _save(self, value: Any) -> None:
-        if not self._asynchronous:
-            super()._save(value)
-            return
-        self._committer.wait()  # at most one in flight; its buffers are reused below
-        self._submit_snapshot()
-
-    def _submit_snapshot(self, reason: str = "interval") -> None:
-        state = self._state
-        step, metadata = state.step, checkpoint_metadata(state, reason)
-        if reason == "interval":
-            payload = self._snapshotter.snapshot(state.state_dict())
-        else:
-            # A stop: the loop never runs again (the process exits after this commit), so
-            # the live state is serialised as it is, without the time of a copy.
-            payload = state.state_dict()
-            _wait_for_cuda()  # the commit thread copies from the device: every kernel must be done
-
-        def commit():
-            import torch
-
-            # Streamed through memory: each part goes up while the next is serialised, and no
-            # disk writeback competes with the training. On a stop, the last seconds go to the
-            # commit; older checkpoints are deleted by the next run's first.
-            self._store_transfer.commit(lambda stream: torch.save(payload, stream), step, metadata,
-                                        retention=reason == "interval")
-
-        # A stop waits for this commit: it must not yield the CPU to anyone.
-        self._committer.submit(step, commit, yield_cpu=reason == "interval")
 
     def flush(self) -> None:
         """Wait for the commit in flight; raise its error, if it failed."""
-        self._committer.wait()
-
-    def _save_final(self, value: Any) -> None:
-        deadline = time.monotonic() + self._stop_deadline
-        try:
-            finished = self._committer.wait(timeout=self._stop_deadline)
-        except Exception as error:  # the commit in flight failed; the final one may still work
-            logger.error("the checkpoint in flight failed: %s", error)
-            finished = True
-        if finished and self._store_transfer.last_committed_step != self._state.step:
-            self._submit_snapshot(reason="signal")
-            finished = self._committer.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if not finished:
-            committed = self._store_transfer.last_committed_step
-            logger.error("the final checkpoint of step %d was not committed within %.0f s; the newest "
-                         "committed checkpoint is step %s, so the steps after it are lost",
-                         self._state.step, self._stop_deadline, committed)
-
-    def _exit(self, code: int) -> None:
-        exit_process(code)
-
-
-def _wait_for_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def checkpoint_metadata(state: TrainingState, reason: str) -> dict:
-    """What a manifest says about the training at this checkpoint (read by ``ckpt-tasks history``)."""
-    metadata = {"epoch": state.epoch, "batch": state.batch, "reason": reason}
-    losses = state.metrics.get("loss")
-    if losses:
-        metadata["loss"] = losses[-1]
-    return metadata
+        self.committer.wait()
 
 
 class TrainingSession:

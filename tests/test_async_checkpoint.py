@@ -108,11 +108,11 @@ def test_optimizer_steps_during_a_background_commit_never_leak_into_it(tmp_path,
         train_step(state)
         expected = flat(state.objects["model"].state_dict()).clone()
         checkpointer.step(state)  # snapshot of step 1, commit in the background
-        assert checkpointer._committer.busy, "the commit was not in the background"
+        assert checkpointer.committer.busy, "the commit was not in the background"
         for _ in range(3):
             train_step(state)  # the loop goes on and changes the live weights
         steps_taken.set()
-        checkpointer._committer.wait()
+        checkpointer.committer.wait()
     finally:
         checkpointer.close()
     monkeypatch.setattr(torch, "save", real_save)
@@ -135,19 +135,19 @@ def test_final_commit_past_the_deadline_keeps_the_newest_committed_and_says_what
     try:
         train_step(state)
         checkpointer.step(state)
-        checkpointer._committer.wait()
+        checkpointer.committer.wait()
         assert store.latest().step == 1
         for _ in range(4):
             train_step(state)
         server.stop()  # the storage goes away during the last commit
         started = time.monotonic()
         with caplog.at_level(logging.ERROR):
-            checkpointer._save_final(state)
+            checkpointer.committer.save_final(state)
         elapsed = time.monotonic() - started
     finally:
         # The abandoned commit must not outlive this test (and its server).
         try:
-            checkpointer._committer.wait(timeout=60)
+            checkpointer.committer.wait(timeout=60)
         except Exception:
             pass  # it failed, as it should with the server down
         checkpointer.close()
@@ -169,7 +169,7 @@ def test_the_final_commit_leaves_retention_to_the_next_run(tmp_path):
         checkpointer.step(state)  # an interval commit of step 1
         checkpointer.flush()
         train_step(state)
-        checkpointer._save_final(state)  # what a SIGTERM commits
+        checkpointer.committer.save_final(state)  # what a SIGTERM commits
     finally:
         checkpointer.close()
     assert [c.step for c in store.list()] == [1, 2], "the stop spent its time deleting step 1"
