@@ -4,6 +4,9 @@ A location is one of
 - a local path (``/data/ckpt``, ``relative/dir``),
 - a ``file://`` URL (``file:///data/ckpt``),
 - an XRootD URL ``root://host[:port]//absolute/path`` (also ``roots://``).
+
+``validate_location`` is the strict check for user input: anything that looks like a
+URL but is not a valid one is refused, never taken for a local directory.
 """
 from __future__ import annotations
 
@@ -93,3 +96,64 @@ def local_path_from(location: str | os.PathLike) -> Path:
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
         raise ValueError(f"unsupported storage scheme in {location!r}; use a path, file:// or root://")
     return Path(text).expanduser()
+
+
+#: the forms a storage location may take, as error messages name them
+ACCEPTED_FORMS = ("/abs/or/relative/path", "file:///abs/path", "root://host[:port]//abs/path",
+                  "roots://host[:port]//abs/path")
+# A scheme-like prefix: "name:" before the first "/" (a local path never has one).
+_SCHEME_PREFIX_RE = re.compile(r"^(?P<scheme>[^/]*?):")
+# "root//host//p" and the like: a known scheme whose ":" went missing.
+_MISSING_COLON_RE = re.compile(r"^(?:roots?|file)//")
+_XROOTD_LOCATION_RE = re.compile(r"^(?P<server>roots?://[^/]+)//(?P<path>.*)$")
+
+
+def _refuse(parameter: str, text: str, reason: str) -> ValueError:
+    forms = ", ".join(f"'{form}'" for form in ACCEPTED_FORMS)
+    return ValueError(f"{parameter}={text!r} is not a valid storage location: {reason}; "
+                      f"accepted forms are {forms}")
+
+
+def _validate_xrootd(text: str, parameter: str) -> str:
+    match = _XROOTD_LOCATION_RE.match(text)
+    if not match:
+        raise _refuse(parameter, text, "an XRootD URL needs a host and an absolute path after "
+                                       "a double slash")
+    try:
+        parse_xrootd_server(match.group("server"))
+        validate_remote_path("/" + match.group("path"), "path")
+    except ValueError as error:
+        raise _refuse(parameter, text, str(error)) from None
+    return text
+
+
+def validate_location(text: str | os.PathLike, parameter: str = "store") -> str:
+    """Return the normalised storage location ``text``, or raise ``ValueError``.
+
+    A local path (or ``file:///abs`` URL) comes back absolute, for the caller to log; a
+    valid ``root://`` or ``roots://`` URL comes back as it is. Anything that looks like a
+    URL but is not a valid one (``root:/host//p``, ``root://``, ``root//host//p``,
+    ``root://host/relative``, ``s3://x``, ``foo:bar/x``) raises a ``ValueError`` whose
+    message names ``parameter`` and the accepted forms: a value with a ``:`` before its
+    first ``/`` is never a local path.
+    """
+    if not isinstance(text, (str, os.PathLike)):
+        raise _refuse(parameter, repr(text), f"expected a string or a path, got {type(text).__name__}")
+    text = os.fspath(text)
+    if not isinstance(text, str) or not text.strip():
+        raise _refuse(parameter, str(text), "it is empty" if isinstance(text, str) else "not text")
+    if any(c in text for c in "\0\n\r"):
+        raise _refuse(parameter, text, "it contains control characters")
+    if _MISSING_COLON_RE.match(text):
+        raise _refuse(parameter, text, "it looks like a URL with its ':' missing")
+    prefix = _SCHEME_PREFIX_RE.match(text)
+    if prefix is None:
+        return os.path.abspath(os.path.expanduser(text))
+    scheme = prefix.group("scheme")
+    if scheme in ("root", "roots"):
+        return _validate_xrootd(text, parameter)
+    if scheme == "file":
+        if not text.startswith("file:///"):
+            raise _refuse(parameter, text, "a file URL carries an absolute path (file:///...)")
+        return os.path.abspath(text[len("file://"):])
+    raise _refuse(parameter, text, f"unknown scheme {scheme!r}" if scheme else "it starts with ':'")
