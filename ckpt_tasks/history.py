@@ -36,6 +36,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def build_timeline(checkpoints, location: str = "") -> Timeline:
             kind = "restart"
         last = previous.points[-1]
         vacate = run.points[0].last_vacate_time
-        if last.reason in ("signal", "final"):
+        if last.reason in (SaveReason.SIGNAL, SaveReason.FINAL):
             stopped, basis = last.done, f"checkpoint at exit ({last.reason})"
         elif kind == "eviction" and vacate is not None and last.done <= vacate <= run.start:
             stopped, basis = vacate, "LastVacateTime"
@@ -306,7 +307,7 @@ def format_timeline(timeline: Timeline) -> str:
             loss = "" if point.loss is None else f"  loss {point.loss:.4g}"
             overhead = "" if point.overhead is None else f"  commit {point.overhead:.2f} s"
             note = "" if point.retained else "  (removed by retention)"
-            reason = {"signal": "  (on signal)", "final": "  (at exit)"}.get(point.reason or "", "")
+            reason = {SaveReason.SIGNAL: "  (on signal)", SaveReason.FINAL: "  (at exit)"}.get(point.reason or "", "")
             lines.append(f"{_clock(point.done)}    checkpoint step {point.step}{loss}{overhead}{reason}{note}")
         interruption = interruptions.get(run.index)
         if interruption is not None:

@@ -25,6 +25,7 @@ class SaveReason(str, enum.Enum):
     SIGNAL = "signal"      #: a stop: SIGTERM or SIGINT
     EXIT = "exit"          #: a voluntary checkpoint exit (``--checkpoint-exit-interval``)
     FINAL = "final"        #: the program ended (the watcher's last save)
+    NEW_VERSION = "new version"  #: the watched program wrote a new complete file
 
     def __str__(self) -> str:
         return self.value

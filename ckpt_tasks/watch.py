@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_tasks.lineage import lineage, trail
+from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.storage.store import Checkpoint, CheckpointStore, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class _Committer(threading.Thread):
         self.last_error: BaseException | None = None
         self.last_ok = True  # did the most recent commit succeed
 
-    def submit(self, snapshot: Path, sig: Signature, reason: str) -> None:
+    def submit(self, snapshot: Path, sig: Signature, reason: SaveReason) -> None:
         with self.cond:
             if self.pending is not None:
                 self.pending[0].unlink(missing_ok=True)  # superseded before it was uploaded
@@ -258,21 +259,21 @@ class Watcher:
         snapshot = self._snapshot(sig, self.settle if renamed else 0.0)
         if snapshot is None:
             return False  # still changing; look again at the next poll
-        self._queue(snapshot, sig, "new version")
+        self._queue(snapshot, sig, SaveReason.NEW_VERSION)
         return True
 
-    def _queue(self, snapshot: Path, sig: Signature, reason: str) -> None:
+    def _queue(self, snapshot: Path, sig: Signature, reason: SaveReason) -> None:
         self.committed = sig
         self._candidate, self._candidate_polls = None, 0
         self._committer.submit(snapshot, sig, reason)
 
-    def _commit(self, snapshot: Path, sig: Signature, reason: str) -> None:
+    def _commit(self, snapshot: Path, sig: Signature, reason: SaveReason) -> None:
         # Runs in the committer thread, one commit at a time.
         step = self.next_step
         metadata = {
-            "watch": {"file": self.file.name, "command": self.command, "reason": reason,
+            "watch": {"file": self.file.name, "command": self.command, "reason": str(reason),
                       "size": sig.size, "mtime_ns": sig.mtime_ns},
-            "reason": reason,
+            "reason": str(reason),
             "lineage": lineage(step=step),
             "lineage_trail": trail(self.previous),
         }
@@ -301,7 +302,7 @@ class Watcher:
             logger.warning("the last version of %s kept changing after the command ended; "
                            "not committing it", self.file)
             return
-        self._queue(snapshot, sig, "signal" if self.signals else "final")
+        self._queue(snapshot, sig, SaveReason.SIGNAL if self.signals else SaveReason.FINAL)
 
     # -- running -------------------------------------------------------------------------
 
