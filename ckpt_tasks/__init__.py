@@ -2,12 +2,20 @@
 from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.errors import (CkptTasksError, FingerprintMismatch, JobAdError, StorageError,
                                StorageUnavailable, VerificationError)
+from ckpt_tasks.policy import SaveEvery, SaveInterval, SavePolicy, SaveReason
 from ckpt_tasks.state import TrainingState
+from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE, StopGuard
 from ckpt_tasks.storage.store import Checkpoint, CheckpointStore, RetryPolicy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHECKPOINT_EXIT_CODE",
+    "SaveEvery",
+    "SaveInterval",
+    "SavePolicy",
+    "SaveReason",
+    "StopGuard",
     "Checkpoint",
     "CheckpointStore",
     "CheckpointedTask",
