@@ -41,16 +41,16 @@ import luigi
 
 from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.parameters import (LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
+                                   PositiveIntParameter, check_parameters)
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
+from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.targets import checkpoints_target
 from ckpt_tasks.transfer import StoreTransfer, parameter_fingerprint
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_EXIT_CODE = 85
-DEFAULT_STORE = "$CKPT_TASKS_DATA/checkpoints"
 
 
 class TaskCheckpointer(Checkpointer):
@@ -130,17 +130,17 @@ class TrainingSession:
 class CheckpointedTask(law.Task):
     """Base class of a training that survives eviction; see the module docstring."""
 
-    store = luigi.Parameter(default="", significant=False,
-                            description="where checkpoints go: a path, file:// or root://host:port//path; "
-                                        "default: [ckpt_tasks] store in law.cfg")
-    checkpoint_every = luigi.IntParameter(default=100, significant=False,
-                                          description="checkpoint every N training steps; default: 100")
-    checkpoint_interval = luigi.FloatParameter(default=600.0, significant=False,
-                                               description="also checkpoint after this many seconds; "
-                                                           "0 disables; default: 600")
-    keep_last = luigi.IntParameter(default=3, significant=False,
-                                   description="checkpoints to keep; default: 3")
-    checkpoint_exit_interval = luigi.FloatParameter(
+    store = LocationParameter(default="", significant=False,
+                              description="where checkpoints go: a path, file:// or root://host:port//path; "
+                                          "default: [ckpt_tasks] store in law.cfg")
+    checkpoint_every = PositiveIntParameter(default=100, significant=False,
+                                            description="checkpoint every N training steps; default: 100")
+    checkpoint_interval = NonNegativeFloatParameter(default=600.0, significant=False,
+                                                    description="also checkpoint after this many seconds; "
+                                                                "0 disables; default: 600")
+    keep_last = PositiveIntParameter(default=3, significant=False,
+                                     description="checkpoints to keep; default: 3")
+    checkpoint_exit_interval = NonNegativeFloatParameter(
         default=0.0, significant=False,
         description="exit with 85 after the first checkpoint once this many seconds passed, so "
                     "HTCondor spools the checkpoint (spool mode); 0 never; default: 0")
@@ -148,13 +148,13 @@ class CheckpointedTask(law.Task):
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="commit checkpoints in the background, pausing training only for an in-memory "
                     "snapshot; default: True")
-    stop_deadline = luigi.FloatParameter(
+    stop_deadline = PositiveFloatParameter(
         default=300.0, significant=False,
         description="seconds a SIGTERM may take to commit the last checkpoint (HTCondor hard-kills "
                     "after its vacate time, 600 s by default); default: 300")
-    storage_timeout = luigi.FloatParameter(default=120.0, significant=False,
-                                           description="seconds to retry an unanswering storage before "
-                                                       "failing; default: 120")
+    storage_timeout = NonNegativeFloatParameter(default=120.0, significant=False,
+                                                description="seconds to retry an unanswering storage before "
+                                                            "failing; 0 no retry; default: 120")
 
     #: parameters a resumed training may change (e.g. the number of epochs, to train longer)
     fingerprint_exclude: tuple[str, ...] = ()
@@ -162,6 +162,16 @@ class CheckpointedTask(law.Task):
     exclude_index = True  # a base class: law index lists only runnable tasks
     exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "checkpoint_exit_interval",
                             "keep_last", "storage_timeout", "async_checkpoint", "stop_deadline"}
+
+    @classmethod
+    def modify_param_values(cls, params):
+        """law's hook on every instantiation, before ``complete()``: refuse bad values here.
+
+        Every :class:`~ckpt_tasks.parameters.CheckedParameter` of the task (its own and a
+        subclass's) is checked in :func:`~ckpt_tasks.parameters.check_parameters`; under
+        ``law run`` a refused value ends the command with exit code 2 and nothing is done.
+        """
+        return type(params)(check_parameters(cls, super().modify_param_values(params)))
 
     # -- what a subclass implements ------------------------------------------------------------
 
@@ -201,8 +211,8 @@ class CheckpointedTask(law.Task):
         return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
     def checkpoint_root(self) -> str:
-        configured = self.store or law.config.get_expanded("ckpt_tasks", "store", default=DEFAULT_STORE)
-        return os.path.expandvars(str(configured)).rstrip("/")
+        """The checked store (``--store`` or law.cfg's), an absolute path or a root(s):// URL."""
+        return self.store
 
     def checkpoint_location(self) -> str:
         """``<store>/<task family>/<parameter fingerprint>/branch-<N>``."""

@@ -18,6 +18,7 @@ import law
 import luigi
 
 from ckpt_tasks.htcondor.workflow import HTCondorWorkflow
+from ckpt_tasks.parameters import NonNegativeFloatParameter, PositiveIntParameter
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.tasks import CheckpointedTask, TrainingSession
 from ckpt_tasks.transfer import parameter_fingerprint
@@ -62,14 +63,15 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
     """Train the digits classifier of one hyperparameter point (branch) with checkpoints."""
 
     version = luigi.Parameter(default="v1", description="output version; default: v1")
-    epochs = luigi.IntParameter(default=20, description="training epochs; default: 20")
-    batch_size = luigi.IntParameter(default=32, description="batch size; default: 32")
-    hidden = luigi.IntParameter(default=64, description="hidden units per layer; default: 64")
+    epochs = PositiveIntParameter(default=20, description="training epochs; default: 20")
+    batch_size = PositiveIntParameter(default=32, description="batch size; default: 32")
+    hidden = PositiveIntParameter(default=64, description="hidden units per layer; default: 64")
     device = luigi.ChoiceParameter(default="auto", choices=["auto", "cpu", "cuda"], significant=False,
                                    description="where to train: auto (cuda when present), cpu, cuda")
-    step_delay = luigi.FloatParameter(default=0.0, significant=False,
-                                      description="seconds to wait after each step, to make the short "
-                                                  "demo training last long enough to interrupt; default: 0")
+    step_delay = NonNegativeFloatParameter(default=0.0, significant=False,
+                                           description="seconds to wait after each step, to make the short "
+                                                       "demo training last long enough to interrupt; "
+                                                       "default: 0")
 
     # More epochs continue the same training from its checkpoint.
     fingerprint_exclude = ("epochs",)

@@ -28,7 +28,9 @@ law.contrib.load("htcondor")
 
 from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the contrib loaded)
 
-CHECKPOINT_EXIT_CODE = 85
+from ckpt_tasks.parameters import NonNegativeIntParameter, PositiveIntParameter  # noqa: E402
+from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
+
 SPOOL_DIR = "ckpt_spool"
 CONFIG_SECTION = "ckpt_tasks_htcondor"
 
@@ -75,13 +77,13 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         default="store", choices=["store", "spool"], significant=False,
         description="where checkpoints survive an eviction: 'store' (XRootD or a shared path) or "
                     "'spool' (HTCondor's own checkpoint transfer); default: store")
-    request_gpus = luigi.IntParameter(default=0, significant=False,
+    request_gpus = NonNegativeIntParameter(default=0, significant=False,
                                       description="GPUs per job; default: 0")
     request_memory = luigi.Parameter(default="2GB", significant=False,
                                      description="memory per job (HTCondor units); default: 2GB")
     request_disk = luigi.Parameter(default="2GB", significant=False,
                                    description="disk per job (HTCondor units); default: 2GB")
-    request_cpus = luigi.IntParameter(default=1, significant=False, description="CPUs per job; default: 1")
+    request_cpus = PositiveIntParameter(default=1, significant=False, description="CPUs per job; default: 1")
 
     exclude_params_branch = {"request_gpus", "request_memory", "request_disk", "request_cpus"}
 
