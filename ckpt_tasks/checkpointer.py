@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ckpt_tasks.htcondor.jobad import read_job_ad
+from ckpt_tasks.jobenv.htcondor import read_job_ad
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.policy import SavePolicy, save_policy as policy_from_parameters
 from ckpt_tasks.stop import (CHECKPOINT_EXIT_CODE, EXIT_CHECKPOINT_FAILED, STOP_SIGNALS, StopGuard,

@@ -27,7 +27,6 @@ of a location survives its retention.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
@@ -35,7 +34,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from ckpt_tasks import jobenv
 
 #: unique for this process; a new process (restart, eviction) gets a new one
 RUN_ID = uuid.uuid4().hex[:12]
@@ -69,48 +68,9 @@ def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-_job_cache: tuple[str, float, dict | None] | None = None
-
-
 def htcondor_info() -> dict | None:
-    """The job's identity from ``$_CONDOR_JOB_AD``; None outside a job or when the ad is unreadable."""
-    global _job_cache
-    path = os.environ.get("_CONDOR_JOB_AD")
-    if not path:
-        return None
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError as error:
-        logger.warning("cannot read the job ad %s for the lineage: %s", path, error.strerror)
-        return None
-    if _job_cache is not None and _job_cache[:2] == (path, mtime):
-        return _job_cache[2]
-    info = None
-    try:
-        from ckpt_tasks.htcondor.jobad import read_job_ad
-
-        ad = read_job_ad(path)
-        cluster, proc = _int_or_none(ad.get("ClusterId")), _int_or_none(ad.get("ProcId"))
-        info = {
-            "job_id": f"{cluster}.{proc}" if cluster is not None and proc is not None else None,
-            "cluster_id": cluster,
-            "proc_id": proc,
-            "num_job_starts": _int_or_none(ad.get("NumJobStarts")),
-            "global_job_id": ad.get("GlobalJobId"),
-            "job_current_start_date": _int_or_none(ad.get("JobCurrentStartDate")),
-            "last_vacate_time": _int_or_none(ad.get("LastVacateTime")),
-        }
-    except Exception as error:  # lineage is informative: never fail a checkpoint over it
-        logger.warning("cannot read the job ad %s for the lineage: %s", path, error)
-    _job_cache = (path, mtime, info)
-    return info
+    """The job's identity (:meth:`ckpt_tasks.jobenv.JobEnvironment.identity`); None outside a job."""
+    return jobenv.current().identity()
 
 
 def lineage(step: int | None = None, loss: float | None = None) -> dict:

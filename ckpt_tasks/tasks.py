@@ -28,10 +28,8 @@ when training is over, so the task is complete only then.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from typing import Any
 import law
 import luigi
 
+from ckpt_tasks import jobenv
 from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
 from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.parameters import (LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
@@ -238,7 +237,7 @@ class CheckpointedTask(law.Task):
         store = self.checkpoint_store()
         transfer = StoreTransfer(store, step_of=lambda: state.step, params=self.checkpoint_params(),
                                  metadata_of=lambda: checkpoint_metadata(state, "interval"))
-        workdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=os.environ.get("_CONDOR_SCRATCH_DIR")))
+        workdir = jobenv.current().make_workdir(prefix="ckpt-")
         checkpointer = TaskCheckpointer(
             workdir, state, transfer,
             asynchronous=self.async_checkpoint,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from ckpt_tasks.errors import CkptTasksError
-from ckpt_tasks.htcondor.jobad import JobAd
+from ckpt_tasks.jobenv.htcondor import JobAd
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.storage.commit import publish_file
 from ckpt_tasks.storage.local import LocalFileInterface

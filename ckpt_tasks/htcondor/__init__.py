@@ -1,4 +1,5 @@
-"""HTCondor integration: the job ClassAd of a running job (and, later, the workflow)."""
-from ckpt_tasks.htcondor.jobad import JobAd, read_job_ad
+"""The law layer for HTCondor: ``HTCondorWorkflow`` and its job script (``workflow.py``, ``job.sh``).
 
-__all__ = ["JobAd", "read_job_ad"]
+What a running job reads about itself (its ClassAd, scratch directory) is in
+:mod:`ckpt_tasks.jobenv`.
+"""

@@ -1,7 +1,8 @@
-"""The ClassAd of the HTCondor job this process runs in.
+"""HTCondor's side of the job environment: the ClassAd of the job this process runs in.
 
-HTCondor writes it to the file named by ``$_CONDOR_JOB_AD`` once per sandbox.
-It is parsed with ``classad2``, so string values come back without quotes.
+HTCondor writes the ad to the file named by ``$_CONDOR_JOB_AD`` once per sandbox and
+names the job's scratch directory (its sandbox) in ``$_CONDOR_SCRATCH_DIR``. The ad is
+parsed with ``classad2``, so string values come back without quotes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from ckpt_tasks.errors import JobAdError
 
 JOB_AD_VARIABLE = "_CONDOR_JOB_AD"
+SCRATCH_VARIABLE = "_CONDOR_SCRATCH_DIR"
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,25 @@ def read_job_ad(path: str | os.PathLike | None = None) -> JobAd:
         # Undefined and Error evaluate to classad2.Value members; they mean "not set".
         attributes[key.lower()] = None if isinstance(value, classad2.Value) else value
     return JobAd(path, attributes)
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def job_identity(ad: JobAd) -> dict:
+    """Who the job is and how often it started, as the lineage of a checkpoint records it."""
+    cluster, proc = _int_or_none(ad.get("ClusterId")), _int_or_none(ad.get("ProcId"))
+    return {
+        "job_id": f"{cluster}.{proc}" if cluster is not None and proc is not None else None,
+        "cluster_id": cluster,
+        "proc_id": proc,
+        # HTCondor counts real starts only: an eviction raises it, an exit-85 restart does not.
+        "num_job_starts": _int_or_none(ad.get("NumJobStarts")),
+        "global_job_id": ad.get("GlobalJobId"),
+        "job_current_start_date": _int_or_none(ad.get("JobCurrentStartDate")),
+        "last_vacate_time": _int_or_none(ad.get("LastVacateTime")),
+    }
