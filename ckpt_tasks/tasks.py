@@ -40,6 +40,7 @@ import luigi
 from ckpt_tasks import jobenv
 from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.parameters import (LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
                                    PositiveIntParameter, check_parameters)
 from ckpt_tasks.progress import step_bar
@@ -47,7 +48,7 @@ from ckpt_tasks.state import TrainingState
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.targets import checkpoints_target
-from ckpt_tasks.transfer import StoreTransfer, parameter_fingerprint
+from ckpt_tasks.transfer import StoreTransfer
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from ckpt_tasks.errors import CkptTasksError
+from ckpt_tasks.fingerprint import check_fingerprint, parameter_fingerprint
 from ckpt_tasks.jobenv.htcondor import JobAd
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.storage.commit import publish_file
-from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import XRootDURL
-from ckpt_tasks.storage.xrootd import XRootDFileInterface
+from ckpt_tasks.storage.registry import open_location
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +157,13 @@ def unpack_directory(archive: Path, destination: Path) -> bool:
 
 
 def shared_copy(target: Path) -> StorageCopy:
-    return StorageCopy(LocalFileInterface(), str(target))
+    opened = open_location(os.path.abspath(target), parameter="checkpoint_transfer_target")
+    return StorageCopy(opened.backend, opened.root)
 
 
 def xrootd_copy(url: XRootDURL) -> StorageCopy:
-    return StorageCopy(XRootDFileInterface(url.server), url.url)
+    opened = open_location(url.url, parameter="checkpoint_transfer_target")
+    return StorageCopy(opened.backend, opened.root)
 
 
 class ManualCallback:
@@ -232,10 +234,13 @@ class StoreTransfer:
         stream it is given (``CheckpointStore.save_streaming``).
         ``retention=False`` leaves deleting older checkpoints to the next commit.
         """
-        from ckpt_tasks.lineage import trail
+        from ckpt_tasks.lineage import lineage, trail
 
         metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
                     "lineage_trail": trail(self.last_committed)}
+        # The writer stamps lineage (where and when); the store records metadata as it is.
+        if "lineage" not in metadata:
+            metadata["lineage"] = lineage(step=step, loss=metadata.get("loss"))
         if callable(source):
             self.last_committed = self.checkpoints.save_streaming(source, step, metadata, retention=retention)
         else:
@@ -253,28 +258,3 @@ class StoreTransfer:
         self.last_committed_step = self.restored.step if self.restored else None
         self.last_committed = self.restored
         return self.restored is not None
-
-
-def parameter_fingerprint(params: dict[str, Any]) -> str:
-    """A short, stable hash of a training's parameters."""
-    import hashlib
-    import json
-
-    text = json.dumps(params, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_fingerprint(checkpoint, params: dict[str, Any], fingerprint: str, location: str) -> None:
-    """Refuse a checkpoint of another training, naming the parameters that differ."""
-    recorded = checkpoint.metadata.get("fingerprint")
-    if recorded == fingerprint:
-        return
-    from ckpt_tasks.errors import FingerprintMismatch
-
-    theirs = checkpoint.metadata.get("params") or {}
-    differences = [f"{name}: checkpoint {theirs.get(name, '<unset>')!r}, task {params.get(name, '<unset>')!r}"
-                   for name in sorted(set(theirs) | set(params)) if theirs.get(name) != params.get(name)]
-    detail = "; ".join(differences) or f"fingerprint {recorded!r} != {fingerprint!r}"
-    raise FingerprintMismatch(
-        f"the checkpoint of step {checkpoint.step} at {location} belongs to a training with other "
-        f"parameters ({detail}); remove that location or run with --store elsewhere")

@@ -51,11 +51,11 @@ from pathlib import Path
 
 from ckpt_tasks.lineage import lineage, trail
 from ckpt_tasks.policy import SaveReason
+from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE
 from ckpt_tasks.storage.store import Checkpoint, CheckpointStore, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_EXIT_CODE = 85
 RELAYED = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -150,6 +150,47 @@ def test_generated_submit_file_passes_condor_submit_dry_run(htcondor_pool, workd
     assert spool_ad["PreserveRelativePaths"] == "true"
 
 
+def render_job_files(mode: str, *args: str) -> tuple[str, str, list[str]]:
+    """The submit file and job script that the workflow makes for branch 0, and the job's
+    ``law run`` arguments; built here, as law does at submission, without a pool."""
+    import base64
+    import shlex
+
+    from law.job.dashboard import NoJobDashboard
+    from luigi.cmdline_parser import CmdlineParser
+
+    import workflows.train  # noqa: F401  (registers TrainTask)
+
+    with CmdlineParser.global_instance(["TrainTask", "--workflow", "htcondor", "--checkpoint-mode", mode, *args]) \
+            as parser:
+        proxy = parser.get_task_obj().workflow_proxy
+        proxy.job_file_factory = proxy.create_job_file_factory()
+        proxy.dashboard = NoJobDashboard()
+        submit = Path(proxy.create_job_file(0, [0])["job"])
+    (script,) = submit.parent.glob("job_*.sh")
+    arguments = re.search(r"^arguments = \S+ \S+ (\S+)", submit.read_text(), re.M).group(1)
+    return submit.read_text(), script.read_text(), shlex.split(base64.b64decode(arguments).decode())
+
+
+def test_the_job_script_gets_the_spool_directory_rendered_in(tmp_path, monkeypatch):
+    from ckpt_tasks.htcondor.workflow import SPOOL_DIR
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    submit, script, arguments = render_job_files("spool")
+    assert "{{" not in script and f'mkdir -p "{SPOOL_DIR}"' in script
+    assert f"transfer_checkpoint_files = {SPOOL_DIR}" in submit
+    assert f"--store=$_CONDOR_SCRATCH_DIR/{SPOOL_DIR}" in arguments
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_jobs_get_the_store_resolved_at_submission(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _, _, arguments = render_job_files("store", "--store", "relative/ckpt")
+    # a job starts in its own sandbox: a relative path there would be another directory
+    assert f"--store={tmp_path}/relative/ckpt" in arguments, arguments
+
+
 @pytest.mark.xrootd
 def test_store_mode_survives_graceful_and_hard_evictions_bit_identically(htcondor_pool, workdir, tmp_path,
                                                                         make_xrootd_server):

@@ -17,11 +17,11 @@ import time
 import law
 import luigi
 
+from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.htcondor.workflow import HTCondorWorkflow
 from ckpt_tasks.parameters import NonNegativeFloatParameter, PositiveIntParameter
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.tasks import CheckpointedTask, TrainingSession
-from ckpt_tasks.transfer import parameter_fingerprint
 
 #: the hyperparameter points, one per branch
 GRID = [

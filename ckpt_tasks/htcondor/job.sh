@@ -21,8 +21,9 @@ export LAW_CONFIG_FILE="${project}/law.cfg"
 export LAW_HOME="${_CONDOR_SCRATCH_DIR:-${PWD}}/.law"
 export PYTHONPATH="${project}${PYTHONPATH:+:${PYTHONPATH}}"
 export PATH="${project}/.venv/bin:${PATH}"
-# HTCondor restores these into the sandbox after an eviction (spool mode).
-mkdir -p ckpt_spool
+# HTCondor restores the spooled checkpoints into the sandbox after an eviction (spool mode);
+# the name comes from workflow.py (SPOOL_DIR), rendered in at submission.
+mkdir -p "{{ckpt_spool_dir}}"
 
 echo "ckpt_tasks job: ${task_module}.${task_class} branches ${branches} on $(hostname) in ${PWD}"
 if [ -f "${_CONDOR_JOB_AD:-}" ]; then

@@ -1,6 +1,6 @@
 """HTCondorWorkflow: law's HTCondor workflow, made safe for self-checkpointing trainings.
 
-What it changes in law's stock workflow (see ../shared/notes/htcondor.md):
+What it changes in law's stock workflow:
 
 - the job script (``job.sh``) relays SIGTERM/SIGINT to ``law run`` and passes its
   exit code to HTCondor unchanged, 85 included;
@@ -31,6 +31,7 @@ from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the co
 from ckpt_tasks.parameters import NonNegativeIntParameter, PositiveIntParameter  # noqa: E402
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
 
+#: the sandbox directory that holds a spool-mode branch's checkpoints (rendered into job.sh)
 SPOOL_DIR = "ckpt_spool"
 CONFIG_SECTION = "ckpt_tasks_htcondor"
 
@@ -110,6 +111,7 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
     def htcondor_job_config(self, config, job_num, branches):
         root = os.environ.get("CKPT_TASKS_ROOT") or str(Path(__file__).resolve().parents[2])
         config.render_variables["ckpt_tasks_root"] = root
+        config.render_variables["ckpt_spool_dir"] = SPOOL_DIR
         config.render_variables["ckpt_tasks_data"] = os.path.expandvars(
             os.environ.get("CKPT_TASKS_DATA", os.path.join(root, "data")))
         # One log, stdout and stderr file per job in the output directory, to watch the jobs.
