@@ -69,3 +69,48 @@ def location(request, tmp_path):
         return str(tmp_path / name), tmp_path / name
     server = request.getfixturevalue("xrootd_server")
     return f"{server.url}//runs/{name}", server.data_dir / "runs" / name
+
+
+# -- authenticated servers (tests/xrootd_auth.py) ----------------------------------------
+
+@pytest.fixture(scope="session")
+def test_pki():
+    """A test CA with host and user certificates, made by openssl for the session."""
+    from xrootd_auth import TestPKI
+
+    try:
+        pki = TestPKI()
+    except ServerUnavailable as error:
+        unavailable(str(error))
+    yield pki
+    pki.cleanup()
+
+
+@pytest.fixture(scope="session")
+def token_issuer():
+    """A bearer-token issuer whose public key servers find without a network."""
+    from xrootd_auth import TokenIssuer
+
+    issuer = TokenIssuer()
+    yield issuer
+    issuer.cleanup()
+
+
+@pytest.fixture(scope="module")
+def make_auth_server(test_pki):
+    """A factory of authenticating servers (``xrootd_auth.AuthXRootDServer`` arguments)."""
+    from xrootd_auth import AuthXRootDServer
+
+    servers = []
+
+    def make(**kwargs):
+        try:
+            server = AuthXRootDServer(test_pki, **kwargs).start()
+        except ServerUnavailable as error:
+            unavailable(str(error))
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.cleanup()

@@ -35,8 +35,11 @@ def free_port() -> int:
 class XRootDServer:
     """One xrootd process; ``url`` is ``root://127.0.0.1:PORT``, files live under ``data_dir``."""
 
-    def __init__(self, port: int | None = None, directory: str | os.PathLike | None = None):
-        """``directory``: where its files go (default: the system's temporary directory)."""
+    def __init__(self, port: int | None = None, directory: str | os.PathLike | None = None,
+                 environment: dict[str, str] | None = None):
+        """``directory``: where its files go (default: the system's temporary directory);
+        ``environment``: variables added to the server process's environment."""
+        self.environment = dict(environment or {})
         if shutil.which("xrootd") is None:
             raise ServerUnavailable("the xrootd binary is not installed (apt-get install xrootd-server)")
         self.port = port or free_port()
@@ -85,7 +88,7 @@ class XRootDServer:
         if self.user:
             command = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", *command]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **self.environment})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
