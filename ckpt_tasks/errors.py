@@ -20,7 +20,36 @@ class StorageError(CkptTasksError):
 
 
 class StorageUnavailable(StorageError):
-    """The storage did not answer (connection refused, timeout, server error)."""
+    """The storage did not answer (connection refused, timeout, server error): transient,
+    retried within the store's timeout."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The storage answered that the path does not exist (also a ``FileNotFoundError``)."""
+
+
+class PermanentStorageError(StorageError):
+    """The storage answered with a refusal that no retry can change: raised at once."""
+
+
+class StoragePermissionDenied(PermanentStorageError):
+    """The storage refused the operation for lack of a permission."""
+
+
+class StorageAuthenticationFailed(PermanentStorageError):
+    """The storage did not accept who we are (missing, expired or refused credentials)."""
+
+
+class InvalidStoragePath(PermanentStorageError):
+    """The path or URL cannot name a file there (not a directory, too long, malformed)."""
+
+
+class StorageFull(PermanentStorageError):
+    """The storage has no space left, or the quota is exhausted."""
+
+
+class StorageReadOnly(PermanentStorageError):
+    """The storage, or the part of it the path lies in, is read-only."""
 
 
 class VerificationError(StorageError):

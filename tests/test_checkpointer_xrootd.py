@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_tasks import Checkpointer, StorageUnavailable
+from ckpt_tasks.errors import StoragePermissionDenied
 from ckpt_tasks.storage.xrootd import XRootDFileInterface
 from checkpointer_child import Child
 from xrootd_server import free_port
@@ -100,8 +101,11 @@ def test_permission_denied_is_a_clear_error(tmp_path, make_xrootd_server):
     server = make_xrootd_server()
     (server.data_dir / "ro").mkdir(mode=0o555)  # owned by root, the server runs as xrootd
     ckpt = xrootd_checkpointer(tmp_path, server.url, "/ro/ckpt.txt")
-    with pytest.raises(StorageUnavailable, match="ro/ckpt.txt"):
+    start = time.monotonic()
+    with pytest.raises(StoragePermissionDenied, match="ro/ckpt.txt.*permission denied") as raised:
         ckpt.step(1)
+    assert not isinstance(raised.value, StorageUnavailable)  # permanent: never retried
+    assert time.monotonic() - start < 10
 
 
 def test_sigterm_commits_to_the_server_and_exits_85(tmp_path, xrootd_server, remote_dir):

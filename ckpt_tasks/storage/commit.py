@@ -1,7 +1,8 @@
 """The one place where a file is published to storage: complete or absent.
 
 Every writer (the Checkpointer's ``shared`` and ``xrootd`` modes, and the
-checkpoint store) publishes through ``publish_file``:
+checkpoint store) publishes through ``publish_file``, on any backend of the
+contract in ``ckpt_tasks.storage.backend``:
 
 1. take the size of the local file;
 2. upload it under a temporary name beside the destination, computing its
@@ -13,41 +14,34 @@ checkpoint store) publishes through ``publish_file``:
 
 A reader therefore sees the old file or the new one, never half of one. A
 writer killed at any moment leaves at most a stray temporary file.
+
+``publish_parts`` publishes a checkpoint larger than one part as parts, each
+through ``publish_file``, as soon as its bytes are staged.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from ckpt_tasks.errors import StorageError, VerificationError
+from ckpt_tasks.storage.backend import StorageBackend
+from ckpt_tasks.storage.records import StoredFile
+from ckpt_tasks.storage.retry import RetryPolicy
+from ckpt_tasks.storage.staging import StagingFile
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_MARKER = ".partial-"
-
-
-class FileInterface(Protocol):
-    """What ``publish_file`` needs from a storage (local directory or XRootD)."""
-
-    def upload(self, local, path, adler32: int | None = None, span: tuple[int, int] | None = None,
-               on_sent: Callable[[], None] | None = None) -> int: ...
-    def stat(self, path): ...
-    def rename(self, src, dst) -> None: ...
-    def remove(self, path, silent: bool = True) -> bool: ...
-
-
-@dataclass(frozen=True)
-class PublishedFile:
-    """A file that is complete on the storage."""
-
-    path: str
-    size: int
-    adler32: int
+#: parts published at once: one uploading while the storage checks the previous one
+PARTS_IN_FLIGHT = 2
 
 
 def temporary_name(dest: str | os.PathLike) -> str:
@@ -59,7 +53,7 @@ def temporary_name(dest: str | os.PathLike) -> str:
     return f"{directory}/{partial}" if directory or str(dest).startswith("/") else partial
 
 
-def _remove_quietly(files: FileInterface, temporary: str) -> None:
+def _remove_quietly(files: StorageBackend, temporary: str) -> None:
     # Interrupted or failed: the destination is untouched; tidy up if the storage lets us.
     try:
         files.remove(temporary, silent=True)
@@ -67,8 +61,8 @@ def _remove_quietly(files: FileInterface, temporary: str) -> None:
         logger.warning("could not remove temporary file %s: %s", temporary, cleanup_error)
 
 
-def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.PathLike,
-                 span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> PublishedFile:
+def publish_file(files: StorageBackend, local: str | os.PathLike, dest: str | os.PathLike,
+                 span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> StoredFile:
     """Publish ``local`` (or its ``span``, ``(offset, length)``) at ``dest`` on ``files``,
     complete or not at all. ``on_sent`` is called once the bytes are on the storage,
     before they are checked."""
@@ -91,4 +85,76 @@ def publish_file(files: FileInterface, local: str | os.PathLike, dest: str | os.
         _remove_quietly(files, temporary)
         raise
     logger.debug("published %s (%d bytes, adler32 %08x)", dest, size, adler32)
-    return PublishedFile(str(dest), size, adler32)
+    return StoredFile(str(dest), size, adler32)
+
+
+class _SendingTurn:
+    """One part sends at a time: the storage checks the part just sent while the next
+    goes up. (Two sending at once share the bandwidth, then wait for their checks together.)"""
+
+    def __init__(self, lock: threading.Lock):
+        lock.acquire()
+        self._lock, self._held = lock, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+
+def _remove_published(files: StorageBackend, futures: list) -> BaseException | None:
+    """Remove the parts that were published; return the error of the first that failed."""
+    started = [future for future in futures if not future.cancelled()]
+    for future in started:
+        if future.exception() is None:
+            with contextlib.suppress(StorageError):  # else an orphan, removed by retention later
+                files.remove(future.result().path, silent=True)
+    return next((f.exception() for f in started if f.exception() is not None), None)
+
+
+def publish_parts(files: StorageBackend, retry: RetryPolicy, source: StagingFile, part_size: int,
+                  part_path: Callable[[int], str]) -> list[StoredFile]:
+    """Publish ``source`` as parts of ``part_size`` bytes at ``part_path(index)``, each as
+    soon as its bytes are written, ``PARTS_IN_FLIGHT`` at a time, one of them sending while
+    the others are checked; return them with their offsets.
+
+    All or none: when a part fails for good, the parts already published are removed.
+    """
+    sending = threading.Lock()
+
+    def publish(index: int, span: tuple[int, int]) -> StoredFile:
+        dest = part_path(index)
+
+        def attempt() -> StoredFile:
+            turn = _SendingTurn(sending)
+            try:
+                return publish_file(files, source.path, dest, span=span, on_sent=turn.release)
+            finally:
+                turn.release()
+
+        try:
+            published = retry.run(attempt, f"uploading {dest}")
+        except BaseException:
+            source.abandon()  # the commit has failed: a writer still writing stops
+            raise
+        source.release(*span)  # stored for good: the writer may reuse its memory
+        return replace(published, offset=span[0])
+
+    with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="ckpt-part") as pool:
+        futures = []
+        try:
+            offset = 0
+            while (written := source.wait_for(offset + part_size)) > offset:
+                length = min(part_size, written - offset)
+                futures.append(pool.submit(publish, len(futures), (offset, length)))
+                offset += length
+            return [future.result() for future in futures]
+        except BaseException as error:
+            source.abandon()
+            for future in futures:
+                future.cancel()
+            cause = _remove_published(files, futures)
+            # A part that failed for good stopped the writer: its error is the one to tell.
+            if cause is not None and cause is not error:
+                raise cause from None
+            raise

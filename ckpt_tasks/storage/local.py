@@ -1,4 +1,9 @@
-"""Local (or shared, mounted) directories with the same operations as XRootD storage."""
+"""Local (or shared, mounted) directories: the ``file`` backend of the registry.
+
+``OSError``s are classified by errno into the backend contract's errors
+(``ckpt_tasks.storage.backend``): a missing path, a permanent refusal (permission,
+full disk, read-only, bad path) or a transient outage of a mounted file system.
+"""
 from __future__ import annotations
 
 import errno
@@ -7,9 +12,40 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.errors import (InvalidStoragePath, StorageError, StorageFull, StorageNotFound,
+                               StoragePermissionDenied, StorageReadOnly, StorageUnavailable,
+                               VerificationError)
 from ckpt_tasks.progress import transfer_progress
 from ckpt_tasks.storage.checksum import adler32, adler32_of_file
+from ckpt_tasks.storage.registry import OpenedLocation
+
+_ERRNO_CLASSES: dict[int, type[StorageError]] = {
+    errno.ENOENT: StorageNotFound,
+    errno.EACCES: StoragePermissionDenied, errno.EPERM: StoragePermissionDenied,
+    errno.ENOSPC: StorageFull, errno.EDQUOT: StorageFull,
+    errno.EROFS: StorageReadOnly,
+    errno.ENOTDIR: InvalidStoragePath, errno.ENAMETOOLONG: InvalidStoragePath,
+    errno.EINVAL: InvalidStoragePath, errno.ELOOP: InvalidStoragePath, errno.EISDIR: InvalidStoragePath,
+    # A mounted file system (NFS, CephFS, a FUSE mount of XRootD) that hiccups: retried.
+    **dict.fromkeys((errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.EINTR,
+                     errno.ENOTCONN, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTDOWN,
+                     errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ENOLCK),
+                    StorageUnavailable),
+}
+
+
+def classify_os_error(error: OSError, what: str, path: str | os.PathLike) -> StorageError:
+    """The contract's error for ``error`` raised while doing ``what`` on ``path``; errnos not
+    listed become a plain StorageError, which is not retried."""
+    cls = _ERRNO_CLASSES.get(error.errno, StorageError)
+    reason = error.strerror or str(error)
+    return cls(f"cannot {what} {path}: {reason}", str(path))
+
+
+def open_local(location: str, deadline: float) -> OpenedLocation:
+    """The registry's factory for local paths (``location`` is absolute, validated)."""
+    del deadline  # local calls return or fail by themselves
+    return OpenedLocation(LocalFileInterface(), location)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -45,7 +81,8 @@ def _copy_with_adler32(src: str | os.PathLike, dst: str | os.PathLike, sync: boo
 
 
 class LocalFileInterface:
-    """File operations on a local or mounted file system (the ``shared`` mode's storage)."""
+    """The backend contract (``StorageBackend``) on a local or mounted file system (also the
+    ``shared`` mode's storage)."""
 
     def exists(self, path: str | os.PathLike) -> bool:
         try:
@@ -54,26 +91,26 @@ class LocalFileInterface:
             return False
         except OSError as error:
             # ENOENT is "absent"; a stale NFS handle or EACCES is not.
-            raise StorageUnavailable(f"cannot stat {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "stat", path) from error
         return True
 
     def stat(self, path: str | os.PathLike) -> os.stat_result:
         try:
             return os.stat(path)
         except OSError as error:
-            raise StorageError(f"cannot stat {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "stat", path) from error
 
     def listdir(self, path: str | os.PathLike) -> list[str]:
         try:
             return sorted(os.listdir(path))
         except OSError as error:
-            raise StorageError(f"cannot list {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "list", path) from error
 
     def mkdir_rec(self, path: str | os.PathLike) -> None:
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StorageError(f"cannot create directory {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "create directory", path) from error
 
     def remove(self, path: str | os.PathLike, silent: bool = True) -> bool:
         try:
@@ -81,12 +118,12 @@ class LocalFileInterface:
                 shutil.rmtree(path)
             else:
                 os.unlink(path)
-        except FileNotFoundError:
+        except FileNotFoundError as error:
             if silent:
                 return False
-            raise StorageError(f"cannot remove {path}: no such file or directory", str(path))
+            raise classify_os_error(error, "remove", path) from error
         except OSError as error:
-            raise StorageError(f"cannot remove {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "remove", path) from error
         return True
 
     def upload(self, local: str | os.PathLike, path: str | os.PathLike, adler32: int | None = None,
@@ -98,8 +135,7 @@ class LocalFileInterface:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             sent = _copy_with_adler32(local, path, sync=True, span=span)
         except OSError as error:
-            kind = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
-            raise StorageError(f"cannot write {path}: {kind}", str(path)) from error
+            raise classify_os_error(error, "write", path) from error
         if on_sent is not None:
             on_sent()
         expected = sent if adler32 is None else adler32
@@ -116,7 +152,7 @@ class LocalFileInterface:
         try:
             received = _copy_with_adler32(path, local, at=at)
         except OSError as error:
-            raise StorageError(f"cannot copy {path} to {local}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, f"copy to {local}", path) from error
         if adler32 is not None and received != adler32:
             raise VerificationError(
                 f"adler32 of {path} is {received:08x}, expected {adler32:08x}", str(path))
@@ -125,16 +161,14 @@ class LocalFileInterface:
         """The whole content of a small file (manifests, pointers); FileNotFoundError when absent."""
         try:
             return Path(path).read_bytes()
-        except FileNotFoundError:
-            raise
         except OSError as error:
-            raise StorageError(f"cannot read {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "read", path) from error
 
     def checksum(self, path: str | os.PathLike) -> int:
         try:
             return adler32_of_file(path)[1]
         except OSError as error:
-            raise StorageError(f"cannot read {path}: {error.strerror}", str(path)) from error
+            raise classify_os_error(error, "read", path) from error
 
     #: reading the file is what ``checksum`` does already
     compute_checksum = checksum
@@ -145,4 +179,4 @@ class LocalFileInterface:
             os.replace(src, dst)
             _fsync_dir(Path(dst).parent)
         except OSError as error:
-            raise StorageError(f"cannot rename {src} to {dst}: {error.strerror}", str(dst)) from error
+            raise classify_os_error(error, f"rename {src} to", dst) from error

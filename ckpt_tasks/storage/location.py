@@ -135,7 +135,8 @@ def validate_location(text: str | os.PathLike, parameter: str = "store") -> str:
     URL but is not a valid one (``root:/host//p``, ``root://``, ``root//host//p``,
     ``root://host/relative``, ``s3://x``, ``foo:bar/x``) raises a ``ValueError`` whose
     message names ``parameter`` and the accepted forms: a value with a ``:`` before its
-    first ``/`` is never a local path.
+    first ``/`` is never a local path. A scheme registered in
+    ``ckpt_tasks.storage.registry`` by another backend comes back as it is.
     """
     if not isinstance(text, (str, os.PathLike)):
         raise _refuse(parameter, repr(text), f"expected a string or a path, got {type(text).__name__}")
@@ -156,4 +157,8 @@ def validate_location(text: str | os.PathLike, parameter: str = "store") -> str:
         if not text.startswith("file:///"):
             raise _refuse(parameter, text, "a file URL carries an absolute path (file:///...)")
         return os.path.abspath(text[len("file://"):])
+    from ckpt_tasks.storage.registry import is_registered  # here: the registry imports this module
+
+    if scheme and is_registered(scheme):
+        return text  # a backend added to the registry checks its own locations
     raise _refuse(parameter, text, f"unknown scheme {scheme!r}" if scheme else "it starts with ':'")

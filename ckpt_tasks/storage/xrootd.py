@@ -1,18 +1,19 @@
-"""XRootD storage through the ``xrootd`` Python client, behind law's remote-target API.
+"""XRootD storage through the ``xrootd`` Python client: the ``root``/``roots`` backend.
 
-``XRootDFileInterface`` implements law's ``RemoteFileInterface`` (so law's remote
-targets can live on ``root://`` without gfal2) and adds what the commit protocol
-needs: upload with an adler32 check by the server, server-side checksum and rename.
+``XRootDFileInterface`` implements the backend contract (``ckpt_tasks.storage.backend``):
+upload with an adler32 check by the server, server-side checksum and rename, and
+the rest. ``ckpt_tasks.storage.targets`` puts law's remote-target API on top of it.
 
 Errors are loud: ``exists()`` answers False only when the server says "no such
-file"; every other failure raises ``StorageUnavailable`` naming the URL and the
-server's message.
+file"; refusals (permission, authentication, bad path, no space, read-only) raise
+the contract's permanent errors at once, everything else ``StorageUnavailable``
+naming the URL and the server's message (see ``xrootd_client``).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
+import math
 import os
 import stat as stat_module
 from collections import deque
@@ -21,54 +22,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from law.target.remote.interface import RemoteFileInterface
-
-from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
+from ckpt_tasks.errors import StorageError, StorageNotFound, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import XRootDProgress, transfer_progress
 from ckpt_tasks.storage.checksum import adler32 as adler32_of
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
-from ckpt_tasks.storage.xrootd_fork import FORK_GATE
-
-# kXR_NotFound: the only answer that means "this path does not exist".
-_XRD_NOT_FOUND = 3011
+from ckpt_tasks.storage.registry import OpenedLocation
+from ckpt_tasks.storage.xrootd_client import XRD_NOT_FOUND as _XRD_NOT_FOUND
+from ckpt_tasks.storage.xrootd_client import classify_status, gated as _gated
+from ckpt_tasks.storage.xrootd_client import client as _client
 
 # Uploads and checked downloads move chunks of this size, this many at a time (as xrdcp does).
 _CHUNK = 8 << 20
 _IN_FLIGHT = 4
-
-# The client's defaults wait minutes before giving up on a dead server
-# (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
-# storage should learn it in seconds; users may still override with XRD_* variables.
-_CLIENT_DEFAULTS = {
-    "ConnectionWindow": ("XRD_CONNECTIONWINDOW", 10),
-    "ConnectionRetry": ("XRD_CONNECTIONRETRY", 2),
-    "RequestTimeout": ("XRD_REQUESTTIMEOUT", 60),
-    # After a failure the client refuses a server for this long; short, so a
-    # restarted server is usable again within seconds.
-    "StreamErrorWindow": ("XRD_STREAMERRORWINDOW", 3),
-    "TimeoutResolution": ("XRD_TIMEOUTRESOLUTION", 1),
-}
+#: the longest a single client call may wait (the client's own default)
+CALL_TIMEOUT = 30
 
 
-def _client():
-    """Import the XRootD client lazily and apply bounded-time defaults once."""
-    from XRootD import client
-
-    if not getattr(_client, "configured", False):
-        for key, (env_var, value) in _CLIENT_DEFAULTS.items():
-            if env_var not in os.environ:
-                client.EnvPutInt(key, value)
-        _client.configured = True
-    return client
-
-
-def _gated(method):
-    """Run ``method`` as one XRootD operation that a ``fork()`` waits for (see xrootd_fork)."""
-    @functools.wraps(method)
-    def gated(*args, **kwargs):
-        with FORK_GATE.operation():
-            return method(*args, **kwargs)
-    return gated
+def open_xrootd(location: str, deadline: float) -> OpenedLocation:
+    """The registry's factory for ``root://`` and ``roots://`` locations."""
+    url = parse_xrootd_url(location)
+    # A single call must not outlast the store's retry deadline.
+    timeout = max(1, min(CALL_TIMEOUT, math.ceil(deadline)))
+    return OpenedLocation(XRootDFileInterface(url.server, timeout=timeout), url.url)
 
 
 @dataclass(frozen=True)
@@ -80,19 +55,23 @@ class XRootDStat:
     st_mtime: float
 
 
-class XRootDFileInterface(RemoteFileInterface):
-    """law ``RemoteFileInterface`` over the XRootD Python client.
+class XRootDFileInterface:
+    """The backend contract over the XRootD Python client.
 
     ``base`` is ``root://host[:port]`` or ``root://host[:port]//prefix``; paths
     given to the methods are relative to it (law's convention), absolute URLs
     (``root://...``) are taken as they are.
     """
 
-    def __init__(self, base: str, timeout: int = 30, **kwargs):
+    def __init__(self, base: str, timeout: int = CALL_TIMEOUT):
         parse_xrootd_url(base)  # validate early, with a clear message
-        super().__init__(base=base, **kwargs)
+        self.base = [os.path.expandvars(str(base))]  # a list, as law keeps it
         self.timeout = timeout
         self._filesystems: dict[str, object] = {}
+
+    def uri(self, path, base: str | None = None, **kwargs) -> str:
+        """``path`` joined to the base (law's convention: a leading "/" is inside the base)."""
+        return os.path.join(base or self.base[0], str(path).lstrip("/")).rstrip("/")
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -111,7 +90,7 @@ class XRootDFileInterface(RemoteFileInterface):
 
     @staticmethod
     def _fail(status, what: str, url) -> StorageError:
-        return StorageUnavailable(f"XRootD {what} failed for {url}: {status.message.strip()}", str(url))
+        return classify_status(status, what, url)
 
     @_gated
     def _stat_url(self, url: XRootDURL):
@@ -122,7 +101,7 @@ class XRootDFileInterface(RemoteFileInterface):
             return None
         raise self._fail(status, "stat", url)
 
-    # -- law RemoteFileInterface -------------------------------------------------------
+    # -- the backend contract (and law's RemoteFileInterface, with targets.py) -------------
 
     def exists(self, path, base=None, stat=False, **kwargs):
         info = self._stat_url(self.resolve(path, base))
@@ -134,7 +113,7 @@ class XRootDFileInterface(RemoteFileInterface):
         url = self.resolve(path, base)
         info = self._stat_url(url)
         if info is None:
-            raise StorageError(f"no such file or directory: {url}", str(url))
+            raise StorageNotFound(f"no such file or directory: {url}", str(url))
         return self._to_stat(info)
 
     @staticmethod
@@ -144,31 +123,6 @@ class XRootDFileInterface(RemoteFileInterface):
         is_dir = bool(info.flags & StatInfoFlags.IS_DIR)
         mode = (stat_module.S_IFDIR | 0o755) if is_dir else (stat_module.S_IFREG | 0o644)
         return XRootDStat(st_size=int(info.size), st_mode=mode, st_mtime=float(info.modtime))
-
-    def isdir(self, path, stat=None, base=None, **kwargs):
-        stat = stat or self.exists(path, stat=True, base=base)
-        return bool(stat) and stat_module.S_ISDIR(stat.st_mode)
-
-    def isfile(self, path, stat=None, base=None, **kwargs):
-        stat = stat or self.exists(path, stat=True, base=base)
-        return bool(stat) and stat_module.S_ISREG(stat.st_mode)
-
-    @_gated
-    def chmod(self, path, perm, base=None, silent=False, **kwargs):
-        if perm is None:
-            return True  # law passes None for "leave the permissions as they are"
-        url = self.resolve(path, base)
-        from XRootD.client.flags import AccessMode
-
-        mode = 0
-        for bit, flag in ((0o400, "UR"), (0o200, "UW"), (0o100, "UX"), (0o040, "GR"), (0o020, "GW"),
-                          (0o010, "GX"), (0o004, "OR"), (0o002, "OW"), (0o001, "OX")):
-            if perm & bit:
-                mode |= getattr(AccessMode, flag)
-        status, _ = self._fs(url).chmod(url.path, mode, timeout=self.timeout)
-        if not status.ok and not silent:
-            raise self._fail(status, "chmod", url)
-        return status.ok
 
     @_gated
     def unlink(self, path, base=None, silent=True, **kwargs):
@@ -196,15 +150,12 @@ class XRootDFileInterface(RemoteFileInterface):
         if info is None:
             if silent:
                 return False
-            raise StorageError(f"cannot remove {url}: no such file or directory", str(url))
+            raise StorageNotFound(f"cannot remove {url}: no such file or directory", str(url))
         if self._to_stat(info).st_mode & stat_module.S_IFDIR == stat_module.S_IFDIR:
             for name in self.listdir(url.url):
                 self.remove(url.child(name).url, silent=silent)
             return self.rmdir(url.url, silent=silent)
         return self.unlink(url.url, silent=silent)
-
-    def mkdir(self, path, perm=0o755, base=None, silent=True, **kwargs):
-        return self._mkdir(path, base, recursive=False, silent=silent)
 
     def mkdir_rec(self, path, perm=0o755, base=None, **kwargs):
         return self._mkdir(path, base, recursive=True, silent=True)
@@ -219,8 +170,10 @@ class XRootDFileInterface(RemoteFileInterface):
         if status.ok:
             return True
         # An existing directory is fine when silent; anything else is an error.
-        if silent and self.isdir(url.url):
-            return False
+        if silent:
+            info = self._stat_url(url)
+            if info is not None and stat_module.S_ISDIR(self._to_stat(info).st_mode):
+                return False
         raise self._fail(status, "mkdir", url)
 
     @_gated
@@ -230,17 +183,6 @@ class XRootDFileInterface(RemoteFileInterface):
         if not status.ok:
             raise self._fail(status, "dirlist", url)
         return sorted(entry.name for entry in listing)
-
-    def filecopy(self, src, dst, base=None, **kwargs):
-        """Copy between a local path and the server, or within the server (law API)."""
-        src_uri, dst_uri = self._copy_uri(src, base), self._copy_uri(dst, base)
-        self._copy(src_uri, dst_uri)
-        return src_uri, dst_uri
-
-    def _copy_uri(self, path, base) -> str:
-        # law's convention: "file://..." is local, anything else is on this interface's server.
-        text = str(path)
-        return text[len("file://"):] if text.startswith("file://") else self.resolve(text, base).url
 
     # -- what the commit protocol needs ------------------------------------------------------
 
@@ -392,9 +334,7 @@ class XRootDFileInterface(RemoteFileInterface):
         handle = _client().File()
         status, _ = handle.open(url.url, OpenFlags.READ, timeout=self.timeout)
         if not status.ok:
-            if status.errno == _XRD_NOT_FOUND:
-                raise FileNotFoundError(f"no such file: {url}")
-            raise self._fail(status, "open", url)
+            raise self._fail(status, "open", url)  # StorageNotFound when absent
         try:
             # Reads always name their size: read() without one stats the file inside the
             # C extension, which crashed the process when the server went away meanwhile.
