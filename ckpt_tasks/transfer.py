@@ -21,9 +21,8 @@ from ckpt_tasks.fingerprint import check_fingerprint, parameter_fingerprint
 from ckpt_tasks.jobenv.htcondor import JobAd
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.storage.commit import publish_file
-from ckpt_tasks.storage.local import LocalFileInterface
 from ckpt_tasks.storage.location import XRootDURL
-from ckpt_tasks.storage.xrootd import XRootDFileInterface
+from ckpt_tasks.storage.registry import open_location
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +157,13 @@ def unpack_directory(archive: Path, destination: Path) -> bool:
 
 
 def shared_copy(target: Path) -> StorageCopy:
-    return StorageCopy(LocalFileInterface(), str(target))
+    opened = open_location(os.path.abspath(target), parameter="checkpoint_transfer_target")
+    return StorageCopy(opened.backend, opened.root)
 
 
 def xrootd_copy(url: XRootDURL) -> StorageCopy:
-    return StorageCopy(XRootDFileInterface(url.server), url.url)
+    opened = open_location(url.url, parameter="checkpoint_transfer_target")
+    return StorageCopy(opened.backend, opened.root)
 
 
 class ManualCallback:
@@ -233,10 +234,13 @@ class StoreTransfer:
         stream it is given (``CheckpointStore.save_streaming``).
         ``retention=False`` leaves deleting older checkpoints to the next commit.
         """
-        from ckpt_tasks.lineage import trail
+        from ckpt_tasks.lineage import lineage, trail
 
         metadata = {**metadata, "params": self.params, "fingerprint": self.fingerprint,
                     "lineage_trail": trail(self.last_committed)}
+        # The writer stamps lineage (where and when); the store records metadata as it is.
+        if "lineage" not in metadata:
+            metadata["lineage"] = lineage(step=step, loss=metadata.get("loss"))
         if callable(source):
             self.last_committed = self.checkpoints.save_streaming(source, step, metadata, retention=retention)
         else:
