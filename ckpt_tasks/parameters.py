@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -193,8 +192,6 @@ def refuse(task_family: str, errors: list[str]) -> NoReturn:
     message = f"{task_family}: refused before any work: " + "; ".join(errors)
     if not _under_command_line():
         raise InvalidParameterError(message)
-    # luigi sets up its logging only after building the task: stderr is where this is seen.
+    # law has set up logging by now; without handlers, logging's last resort prints it on stderr.
     logger.error(message)
-    if not logging.getLogger(__name__).hasHandlers():
-        sys.stderr.write(f"error: {message}\n")
     raise SystemExit(USAGE_EXIT_CODE)
