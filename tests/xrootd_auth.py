@@ -385,7 +385,8 @@ def run_as(env: dict[str, str], operation: str, location: str, *args: str, timeo
 def _client_main(argv: list[str]) -> int:
     """``python xrootd_auth.py OPERATION LOCATION [ARG]``, OPERATION one of
     ``save STEP`` (a checkpoint whose content is ``step-STEP``), ``list``, ``restore``,
-    ``remove NAME`` (a file of the location, through the store's backend)."""
+    ``remove NAME`` (a file of the location, through the store's backend),
+    ``preflight [MIN_LIFETIME_SECONDS]`` (``ckpt_tasks.preflight.preflight``)."""
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -410,10 +411,16 @@ def _client_main(argv: list[str]) -> int:
                 answer["content"] = (Path(work) / "restored.bin").read_text() if checkpoint else None
             elif operation == "remove":
                 answer["removed"] = store.files.remove(f"{store.root}/{args[0]}", silent=False)
+            elif operation == "preflight":
+                from ckpt_tasks.preflight import preflight
+
+                report = preflight(location, min_lifetime=float(args[0]) if args else 3600.0, deadline=5.0)
+                answer["warnings"] = list(report.warnings)
+                answer["credentials"] = [str(credential) for credential in report.credentials]
             else:
                 raise SystemExit(f"unknown operation {operation!r}")
     except Exception as error:  # the answer names what the store raised
-        answer = {"ok": False, "error": type(error).__name__,
+        answer = {"ok": False, "error": type(error).__name__, "reason": getattr(error, "reason", None),
                   "errors": [cls.__name__ for cls in type(error).__mro__], "message": str(error)}
     answer["seconds"] = round(time.monotonic() - start, 2)
     print(json.dumps(answer), flush=True)
