@@ -12,13 +12,10 @@ naming the URL and the server's message (see ``xrootd_client``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import stat as stat_module
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +25,10 @@ from ckpt_tasks.storage.checksum import adler32 as adler32_of
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 from ckpt_tasks.storage.registry import OpenedLocation
 from ckpt_tasks.storage.xrootd_client import XRD_NOT_FOUND as _XRD_NOT_FOUND
-from ckpt_tasks.storage.xrootd_client import classify_status, gated as _gated
+from ckpt_tasks.storage.xrootd_client import CHUNK as _CHUNK, IN_FLIGHT as _IN_FLIGHT
+from ckpt_tasks.storage.xrootd_client import classify_status, pipelined, gated as _gated
 from ckpt_tasks.storage.xrootd_client import client as _client
 
-# Uploads and checked downloads move chunks of this size, this many at a time (as xrdcp does).
-_CHUNK = 8 << 20
-_IN_FLIGHT = 4
 #: the longest a single client call may wait (the client's own default)
 CALL_TIMEOUT = 30
 
@@ -124,25 +119,22 @@ class XRootDFileInterface:
         mode = (stat_module.S_IFDIR | 0o755) if is_dir else (stat_module.S_IFREG | 0o644)
         return XRootDStat(st_size=int(info.size), st_mode=mode, st_mtime=float(info.modtime))
 
-    @_gated
     def unlink(self, path, base=None, silent=True, **kwargs):
-        url = self.resolve(path, base)
-        status, _ = self._fs(url).rm(url.path, timeout=self.timeout)
-        if status.ok:
-            return True
-        if status.errno == _XRD_NOT_FOUND and silent:
-            return False
-        raise self._fail(status, "rm", url)
+        return self._remove_entry("rm", path, base, silent)
+
+    def rmdir(self, path, base=None, silent=True, **kwargs):
+        return self._remove_entry("rmdir", path, base, silent)
 
     @_gated
-    def rmdir(self, path, base=None, silent=True, **kwargs):
+    def _remove_entry(self, operation: str, path, base, silent: bool) -> bool:
+        """One ``rm`` or ``rmdir``; an absent path is False when ``silent``."""
         url = self.resolve(path, base)
-        status, _ = self._fs(url).rmdir(url.path, timeout=self.timeout)
+        status, _ = getattr(self._fs(url), operation)(url.path, timeout=self.timeout)
         if status.ok:
             return True
         if status.errno == _XRD_NOT_FOUND and silent:
             return False
-        raise self._fail(status, "rmdir", url)
+        raise self._fail(status, operation, url)
 
     def remove(self, path, base=None, silent=True, **kwargs):
         url = self.resolve(path, base)
@@ -230,7 +222,7 @@ class XRootDFileInterface:
                     return data
 
                 with transfer_progress(size, f"xrootd {url.path.rsplit('/', 1)[-1]}") as advance:
-                    for data in self._pipelined(send, size, "xrootd-write"):
+                    for data in pipelined(send, size, "xrootd-write"):
                         sent = adler32_of(data, sent)
                         advance(len(data))
             closed = True
@@ -364,25 +356,7 @@ class XRootDFileInterface:
                 raise OSError(f"short write while downloading {url}")
             return data
 
-        return self._pipelined(read, size, "xrootd-read")
-
-    @staticmethod
-    def _pipelined(transfer: Callable[[int], bytes], size: int, name: str) -> Iterator[bytes]:
-        """``transfer(offset)`` for each ``_CHUNK`` of ``size`` bytes, ``_IN_FLIGHT`` at a
-        time on worker threads (the client releases the GIL); the chunks come back in order."""
-        offsets = iter(range(0, size, _CHUNK))
-        with ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix=name) as pool:
-            pending = deque(pool.submit(transfer, offset) for offset in itertools.islice(offsets, _IN_FLIGHT))
-            try:
-                while pending:
-                    data = pending.popleft().result()
-                    following = next(offsets, None)
-                    if following is not None:
-                        pending.append(pool.submit(transfer, following))
-                    yield data
-            finally:
-                for future in pending:
-                    future.cancel()
+        return pipelined(read, size, "xrootd-read")
 
     @_gated
     def rename(self, src: str, dst: str, base: str | None = None) -> None:

@@ -1,4 +1,5 @@
-"""The XRootD Python client, set up once, and its statuses classified by the backend contract.
+"""The XRootD Python client, set up once; its statuses classified by the backend contract;
+``pipelined``, which keeps several chunk transfers on the wire.
 
 ``classify_status`` turns a failed ``XRootDStatus`` into the contract's error
 (``ckpt_tasks.storage.backend``). The server's refusals carry an XRootD error code
@@ -15,7 +16,11 @@ Debian's xrootd 5.5.3 with the pip client 6.2.1 (tests/test_store_errors.py):
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ckpt_tasks.errors import (InvalidStoragePath, PermanentStorageError, StorageAuthenticationFailed,
                                StorageError, StorageFull, StorageNotFound, StoragePermissionDenied,
@@ -49,6 +54,10 @@ _CLIENT_ERRORS: dict[int, type[StorageError]] = {
     9: InvalidStoragePath,  # errInvalidArgs
 }
 _ERROR_RESPONSE = 400  # errErrorResponse: the server answered with an error code
+
+#: uploads and checked downloads move chunks of this size, this many at a time (as xrdcp does)
+CHUNK = 8 << 20
+IN_FLIGHT = 4
 
 # The client's defaults wait minutes before giving up on a dead server
 # (ConnectionWindow 120 s x ConnectionRetry 5). A training that cannot reach its
@@ -101,3 +110,21 @@ def classify_status(status, what: str, url) -> StorageError:
     message = status.message.strip()
     cls = error_class(status.code, status.errno, message)
     return cls(f"XRootD {what} failed for {url}: {message}", str(url))
+
+
+def pipelined(transfer: Callable[[int], bytes], size: int, name: str) -> Iterator[bytes]:
+    """``transfer(offset)`` for each ``CHUNK`` of ``size`` bytes, ``IN_FLIGHT`` at a
+    time on worker threads (the client releases the GIL); the chunks come back in order."""
+    offsets = iter(range(0, size, CHUNK))
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix=name) as pool:
+        pending = deque(pool.submit(transfer, offset) for offset in itertools.islice(offsets, IN_FLIGHT))
+        try:
+            while pending:
+                data = pending.popleft().result()
+                following = next(offsets, None)
+                if following is not None:
+                    pending.append(pool.submit(transfer, following))
+                yield data
+        finally:
+            for future in pending:
+                future.cancel()
