@@ -414,7 +414,7 @@ def _client_main(argv: list[str]) -> int:
             elif operation == "preflight":
                 from ckpt_tasks.preflight import preflight
 
-                report = preflight(location, min_lifetime=float(args[0]) if args else 3600.0, deadline=5.0)
+                report = preflight(location, min_lifetime=float(args[0]) if args else None, deadline=5.0)
                 answer["warnings"] = list(report.warnings)
                 answer["credentials"] = [str(credential) for credential in report.credentials]
             else:
