@@ -393,6 +393,8 @@ def _client_main(argv: list[str]) -> int:
     from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 
     operation, location, *args = argv
+    if operation == "train":  # everything, the XRootD client's messages too, to be searched
+        logging.getLogger().setLevel(logging.DEBUG)
     store = CheckpointStore(location, retry=RetryPolicy(deadline=float(os.environ.get("AUTH_TEST_DEADLINE", "20")),
                                                         initial_delay=0.2))
     start = time.monotonic()
@@ -411,6 +413,8 @@ def _client_main(argv: list[str]) -> int:
                 answer["content"] = (Path(work) / "restored.bin").read_text() if checkpoint else None
             elif operation == "remove":
                 answer["removed"] = store.files.remove(f"{store.root}/{args[0]}", silent=False)
+            elif operation == "train":
+                answer["steps"] = _train(location, int(args[0]), args[1], Path(work))
             elif operation == "preflight":
                 from ckpt_tasks.preflight import preflight
 
@@ -425,6 +429,47 @@ def _client_main(argv: list[str]) -> int:
     answer["seconds"] = round(time.monotonic() - start, 2)
     print(json.dumps(answer), flush=True)
     return 0
+
+
+def _train(location: str, steps: int, forbidden: str, work: Path) -> list[int]:
+    """A small training that runs the preflight, commits through the store every step, keeps
+    a copy with the seed's Checkpointer in xrootd mode, restores, and provokes one refusal
+    (a preflight of the directory ``forbidden``), logging all of it."""
+    import logging
+
+    import torch
+
+    from ckpt_tasks import Checkpointer
+    from ckpt_tasks.jobenv.credentials import find_credentials
+    from ckpt_tasks.preflight import PreflightRefused, preflight
+    from ckpt_tasks.storage import CheckpointStore
+
+    log = logging.getLogger("auth-train")
+    log.info("credentials: %s", find_credentials())
+    preflight(location, expected_duration=86400, deadline=5.0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = CheckpointStore(location, keep_last=2)
+    server, _, path = location.partition("//")[2].partition("/")
+    seed = Checkpointer(work / "seed.pt", lambda where, value: torch.save(value, where),
+                        lambda where: torch.load(where, weights_only=True), checkpoint_transfer_mode="xrootd",
+                        checkpoint_transfer_target=f"/{path}/seed.pt",
+                        xrootd_server_name=location.partition("//")[0] + "//" + server, handle_signals=False)
+    for step in range(steps):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        torch.save(model.state_dict(), work / "state.pt")
+        store.save(work / "state.pt", step, metadata={"loss": float(loss)})
+        seed.step(model.state_dict())
+    store.restore(work / "restored.pt")
+    try:
+        preflight(forbidden, deadline=5.0)
+    except PreflightRefused:
+        log.exception("the refusal, as a user would see it")
+    return [checkpoint.step for checkpoint in store.list()]
 
 
 if __name__ == "__main__":
