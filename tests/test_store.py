@@ -1,70 +1,33 @@
 """CheckpointStore: versioned, verified checkpoints, on a local directory and on a real XRootD server.
 
-Every behaviour test runs on both backends (``location`` fixture): a local
-directory and a sub-directory of the session's XRootD server. What the store
-wrote is also checked on the disk behind it (``on_disk``).
+Every behaviour test runs on both backends (``location`` fixture, tests/store_helpers.py):
+a local directory and a sub-directory of the session's XRootD server. What the store
+wrote is also checked on the disk behind it (``on_disk``). Retention, locations and the
+law interface on XRootD have their own modules (test_store_retention.py,
+test_store_locations.py, test_targets.py).
 """
 from __future__ import annotations
+
 
 import dataclasses
 import json
 import logging
 import os
 import random
-import stat as stat_module
 import subprocess
 import sys
 import time
-import uuid
 import zlib
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
-from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationError
-from ckpt_tasks.storage import CheckpointStore, RetryPolicy, XRootDFileInterface
-from ckpt_tasks.storage.targets import XRootDRemoteFileInterface
+from ckpt_tasks.errors import StorageError, VerificationError
+from ckpt_tasks.storage import CheckpointStore
 from ckpt_tasks.storage.checksum import adler32_combine
 from ckpt_tasks.storage.store import LATEST
 from store_writer import content_for
-from xrootd_server import free_port
-
-WRITER = Path(__file__).with_name("store_writer.py")
-FAST = RetryPolicy(deadline=5, initial_delay=0.1, max_delay=0.5)
-
-
-class Location:
-    """Where a test's store lives: its URL or path, and the directory on disk behind it."""
-
-    def __init__(self, kind: str, url: str, on_disk: Path):
-        self.kind, self.url, self.on_disk = kind, url, on_disk
-
-    def store(self, **kwargs) -> CheckpointStore:
-        kwargs.setdefault("retry", FAST)
-        return CheckpointStore(self.url, **kwargs)
-
-    def names(self) -> list[str]:
-        return sorted(os.listdir(self.on_disk)) if self.on_disk.exists() else []
-
-
-@pytest.fixture(params=["local", "xrootd"])
-def location(request, tmp_path) -> Location:
-    name = f"ckpt-{uuid.uuid4().hex[:8]}"
-    if request.param == "local":
-        return Location("local", str(tmp_path / name), tmp_path / name)
-    server = request.getfixturevalue("xrootd_server")
-    return Location("xrootd", f"{server.url}//runs/{name}", server.data_dir / "runs" / name)
-
-
-def make_file(directory: Path, step: int, size: int | None = None) -> Path:
-    path = directory / f"state-{step}.bin"
-    path.write_bytes(content_for(step) if size is None else content_for(step)[:size])
-    return path
-
-
-def read_latest(location: Location) -> dict:
-    return json.loads((location.on_disk / LATEST).read_text())
+from store_helpers import FAST, WRITER, location, make_file, read_latest  # noqa: F401 (location is a fixture)
 
 
 # -- round trips ---------------------------------------------------------------------------------
@@ -329,101 +292,6 @@ def test_unreadable_manifest_is_not_a_checkpoint(location, tmp_path):
     assert store.list() == [good]
 
 
-# -- retention -----------------------------------------------------------------------------------
-
-def test_retention_keep_last(location, tmp_path):
-    store = location.store(keep_last=2)
-    saved = []
-    for step in range(1, 7):
-        saved.append(store.save(make_file(tmp_path, step, 1000), step))
-        # after each commit: the two newest remain, older ones are gone from list and from disk
-        assert [c.step for c in store.list()] == list(range(max(1, step - 1), step + 1))
-    names = location.names()
-    assert names == sorted([LATEST] + [n for c in saved[-2:] for n in (c.name, c.manifest_name)])
-
-
-def test_retention_can_wait_for_the_next_save(location, tmp_path):
-    store = location.store(keep_last=1)
-    store.save(make_file(tmp_path, 1, 1000), 1)
-    store.save(make_file(tmp_path, 2, 1000), 2, retention=False)  # e.g. the final commit before an eviction
-    assert [c.step for c in store.list()] == [1, 2]
-    store.save(make_file(tmp_path, 3, 1000), 3)
-    assert [c.step for c in store.list()] == [3]
-
-
-def test_retention_keep_every(location, tmp_path):
-    store = location.store(keep_last=2, keep_every=3)
-    for step in range(1, 11):
-        store.save(make_file(tmp_path, step, 1000), step)
-    assert [c.step for c in store.list()] == [3, 6, 9, 10]
-    assert len([n for n in location.names() if n.endswith(".ckpt")]) == 4
-
-
-def test_retention_deletes_only_after_a_newer_commit(location, tmp_path):
-    store = location.store(keep_last=1)
-    first = store.save(make_file(tmp_path, 1, 1000), 1)
-    # a save that fails before its commit must not cost the only checkpoint
-    with pytest.raises(FileNotFoundError):
-        store.save(tmp_path / "missing.bin", 2)
-    assert store.list() == [first]
-    assert store.apply_retention() == []
-    assert store.list() == [first]
-    second = store.save(make_file(tmp_path, 2, 1000), 2)
-    assert store.list() == [second]
-    assert not (location.on_disk / first.name).exists()
-
-
-def test_retention_never_deletes_what_latest_names(location, tmp_path):
-    writer = location.store(keep_last=5)
-    saved = [writer.save(make_file(tmp_path, step, 1000), step) for step in (1, 2, 3)]
-    # A writer killed after committing step 3's manifest but before moving LATEST
-    # leaves LATEST on an older checkpoint.
-    (location.on_disk / LATEST).write_text(json.dumps({"step": 1, "manifest": saved[0].manifest_name}))
-    deleted = location.store(keep_last=1).apply_retention()
-
-    pointer = read_latest(location)
-    named = [c for c in saved if c.manifest_name == pointer["manifest"]]
-    assert named, pointer
-    remaining = CheckpointStore(location.url, retry=FAST).list()
-    assert named[0] in remaining  # whatever LATEST names now still exists ...
-    assert (location.on_disk / named[0].name).exists()
-    assert saved[-1] in remaining  # ... and so does the newest
-    assert saved[1] in deleted and saved[1] not in remaining  # retention did run
-    assert not (location.on_disk / saved[1].name).exists()
-
-
-def test_a_stale_latest_is_moved_to_the_newest_commit(location, tmp_path):
-    # What a lost race between two writers (or a writer killed between its manifest
-    # and LATEST) leaves: LATEST on a lower step than the newest committed one.
-    store = location.store(keep_last=5)
-    saved = [store.save(make_file(tmp_path, step, 1000), step) for step in (1, 2, 3)]
-    (location.on_disk / LATEST).write_text(json.dumps({"step": 1, "manifest": saved[0].manifest_name}))
-    assert store.latest() == saved[-1]  # readers go by the manifests, not by LATEST
-    store.apply_retention()  # runs after every save
-    assert read_latest(location) == {"step": 3, "manifest": saved[-1].manifest_name}
-
-
-def test_retention_removes_only_stale_temporaries(location, tmp_path):
-    store = location.store()
-    store.save(make_file(tmp_path, 1, 1000), 1)
-    location.on_disk.joinpath(".step-000000000002-00000000.ckpt.partial-old").write_bytes(b"x")
-    location.on_disk.joinpath(".step-000000000003-00000000.ckpt.partial-new").write_bytes(b"x")
-    old = time.time() - 2 * 3600
-    os.utime(location.on_disk / ".step-000000000002-00000000.ckpt.partial-old", (old, old))
-    # data files without a manifest: a writer killed between data and manifest
-    location.on_disk.joinpath("step-000000000004-0000000a.ckpt").write_bytes(b"x")
-    location.on_disk.joinpath("step-000000000005-0000000b.ckpt").write_bytes(b"x")
-    os.utime(location.on_disk / "step-000000000004-0000000a.ckpt", (old, old))
-    store.apply_retention()
-    names = location.names()
-    assert ".step-000000000002-00000000.ckpt.partial-old" not in names  # a dead writer's leftover
-    assert ".step-000000000003-00000000.ckpt.partial-new" in names  # may be a live writer's upload
-    assert "step-000000000004-0000000a.ckpt" not in names  # never committed, long dead
-    assert "step-000000000005-0000000b.ckpt" in names  # its manifest may be on its way
-    assert [c.step for c in store.list()] == [1]
-    assert (location.on_disk / store.latest().name).exists()
-
-
 # -- two writers on one location -----------------------------------------------------------------
 
 def test_a_lower_step_never_moves_latest_back(location, tmp_path):
@@ -473,137 +341,3 @@ def test_two_writer_processes(location, tmp_path):
     reader.restore(tmp_path / "restored.bin")
     assert (tmp_path / "restored.bin").read_bytes() == content_for(highest, 2000, 60000)
     assert pointers, "the reader never saw LATEST"
-
-
-# -- locations -----------------------------------------------------------------------------------
-
-def test_file_url_is_a_local_directory(tmp_path):
-    store = CheckpointStore(f"file://{tmp_path}/ckpts", retry=FAST)
-    checkpoint = store.save(make_file(tmp_path, 1, 1000), 1)
-    assert (tmp_path / "ckpts" / checkpoint.name).read_bytes() == content_for(1)[:1000]
-    assert CheckpointStore(tmp_path / "ckpts").list() == [checkpoint]  # a Path works too
-
-
-@pytest.mark.parametrize("location", [
-    "http://x", "https://host/ckpt", "s3://bucket/ckpt", "file://relative/dir",
-    "root://host/../x", "root://host:1094//a/../../etc", "root://", "root:///abs/path",
-    "root://host:99999//x", "root://ho st//x",
-])
-def test_bad_locations_raise_value_error(location):
-    with pytest.raises(ValueError):
-        CheckpointStore(location)
-
-
-def test_relative_paths_on_the_server_are_refused():
-    files = XRootDFileInterface("root://127.0.0.1:1094")
-    for path in ("../x", "a/../../x"):
-        with pytest.raises(ValueError):
-            files.resolve(path)
-    with pytest.raises(ValueError):
-        files.resolve("root://127.0.0.1:1094/a/../../x")
-
-
-def test_single_slash_url_is_refused(xrootd_server):
-    # XRootD itself reads root://host/p as /p, but a location with one slash is most often a
-    # typo; the accepted form is root://host//abs/path, and the error says so.
-    with pytest.raises(ValueError, match=r"root://host\[:port\]//abs/path"):
-        CheckpointStore(f"{xrootd_server.url}/runs/x", retry=FAST)
-
-
-@pytest.mark.parametrize("part_size", [0, -1, 1.5, "1"])
-def test_bad_part_size(tmp_path, part_size):
-    with pytest.raises(ValueError, match="part_size"):
-        CheckpointStore(tmp_path, part_size=part_size)
-
-
-@pytest.mark.parametrize("keep", [{"keep_last": 0}, {"keep_last": "3"}, {"keep_every": 0}])
-def test_bad_retention_settings(tmp_path, keep):
-    with pytest.raises(ValueError):
-        CheckpointStore(tmp_path, **keep)
-
-
-# -- XRootDFileInterface: law's RemoteFileInterface ----------------------------------------------
-
-@pytest.fixture
-def xrd(xrootd_server):
-    name = f"law-{uuid.uuid4().hex[:8]}"
-    return XRootDRemoteFileInterface(f"{xrootd_server.url}//{name}"), xrootd_server.data_dir / name
-
-
-def test_interface_exists_stat_listdir_mkdir_remove(xrd, tmp_path):
-    files, on_disk = xrd
-    assert files.exists("/") is False  # "no such file" from the server
-    assert files.exists("/a/b", stat=True) is None
-    assert files.mkdir_rec("/a/b", 0o755) is True
-    files.mkdir_rec("/a/b", 0o755)  # already there: no error
-    assert (on_disk / "a" / "b").is_dir()
-    assert files.exists("/a/b") and files.isdir("/a/b") and not files.isfile("/a/b")
-    (on_disk / "a" / "f.txt").write_bytes(b"12345")
-    info = files.stat("/a/f.txt")
-    assert info.st_size == 5 and stat_module.S_ISREG(info.st_mode)
-    assert abs(info.st_mtime - (on_disk / "a" / "f.txt").stat().st_mtime) < 1.5
-    assert files.isfile("/a/f.txt")
-    assert files.listdir("/a") == ["b", "f.txt"]
-    with pytest.raises(StorageError, match="no such file"):
-        files.stat("/a/missing")
-    with pytest.raises(StorageError):
-        files.listdir("/a/missing")
-
-    assert files.remove("/a/f.txt") is True
-    assert files.remove("/a/f.txt") is False  # silent by default
-    with pytest.raises(StorageError):
-        files.remove("/a/f.txt", silent=False)
-    (on_disk / "a" / "b" / "g.txt").write_bytes(b"x")
-    assert files.remove("/a")  # recursive
-    assert not (on_disk / "a").exists()
-    assert files.exists("/a") is False
-
-
-def test_interface_filecopy_to_and_from_local(xrd, tmp_path):
-    files, on_disk = xrd
-    local = tmp_path / "src.bin"
-    local.write_bytes(content_for(3))
-    src_uri, dst_uri = files.filecopy(f"file://{local}", "/dir/copy.bin")
-    assert dst_uri == f"{files.base[0]}/dir/copy.bin"
-    assert (on_disk / "dir" / "copy.bin").read_bytes() == content_for(3)
-    back = tmp_path / "back.bin"
-    files.filecopy("/dir/copy.bin", f"file://{back}")
-    assert back.read_bytes() == content_for(3)
-    assert files.checksum("/dir/copy.bin") == zlib.adler32(content_for(3))
-
-
-def test_interface_is_loud_when_the_server_is_down():
-    files = XRootDFileInterface(f"root://127.0.0.1:{free_port()}", timeout=2)
-    start = time.monotonic()
-    with pytest.raises(StorageUnavailable):
-        files.exists("/anything")  # never "False" for an outage
-    with pytest.raises(StorageUnavailable):
-        files.listdir("/")  # never "[]" for an outage
-    assert time.monotonic() - start < 30
-
-
-def test_law_remote_targets_on_xrootd(xrd, tmp_path):
-    from law.target.remote import RemoteDirectoryTarget, RemoteFileSystem, RemoteFileTarget
-
-    files, on_disk = xrd
-    fs = RemoteFileSystem(files)
-    target = RemoteFileTarget("/out/result.json", fs)
-    assert not target.exists()
-    target.parent.touch()
-    target.dump({"loss": 0.5}, formatter="json")
-    assert target.exists()
-    assert json.loads((on_disk / "out" / "result.json").read_text()) == {"loss": 0.5}
-    assert target.load(formatter="json") == {"loss": 0.5}
-
-    local = tmp_path / "local.bin"
-    local.write_bytes(b"payload")
-    other = RemoteFileTarget("/out/data.bin", fs)
-    other.copy_from_local(str(local))
-    other.copy_to_local(str(tmp_path / "copy.bin"))
-    assert (tmp_path / "copy.bin").read_bytes() == b"payload"
-    directory = RemoteDirectoryTarget("/out", fs)
-    assert sorted(directory.listdir()) == ["data.bin", "result.json"]
-    other.remove()
-    assert not other.exists() and not (on_disk / "out" / "data.bin").exists()
-    directory.remove()
-    assert not directory.exists()

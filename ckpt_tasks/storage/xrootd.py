@@ -25,7 +25,7 @@ from ckpt_tasks.storage.checksum import adler32 as adler32_of
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
 from ckpt_tasks.storage.registry import OpenedLocation
 from ckpt_tasks.storage.xrootd_client import XRD_NOT_FOUND as _XRD_NOT_FOUND
-from ckpt_tasks.storage.xrootd_client import CHUNK as _CHUNK, IN_FLIGHT as _IN_FLIGHT
+from ckpt_tasks.storage.xrootd_client import CHUNK as _CHUNK
 from ckpt_tasks.storage.xrootd_client import classify_status, pipelined, gated as _gated
 from ckpt_tasks.storage.xrootd_client import client as _client
 
@@ -186,7 +186,7 @@ class XRootDFileInterface:
         return the adler32 the server verified. ``on_sent`` is called once every byte is
         on the server, before the checks.
 
-        Chunks go out ``_IN_FLIGHT`` at a time while the adler32 of the bytes sent is
+        Chunks go out ``xrootd_client.IN_FLIGHT`` at a time while the adler32 of the bytes sent is
         computed beside them; after the close the server computes the adler32 of what
         it stored, which must equal it (and ``adler32``, when given): no extra pass over
         the local file, and never a copy that differs from what was sent.
@@ -339,7 +339,7 @@ class XRootDFileInterface:
 
     def _chunks(self, handle, size: int, url: XRootDURL,
                 write_to: tuple[int, int] | None = None) -> Iterator[bytes]:
-        """The file's bytes in order, with up to ``_IN_FLIGHT`` reads on the wire.
+        """The file's bytes in order, with up to ``xrootd_client.IN_FLIGHT`` reads on the wire.
 
         With ``write_to`` (a file descriptor and where the file starts in it) each chunk
         is also written there at its offset by the thread that read it, so writing,
