@@ -10,9 +10,10 @@ from xrootd_auth import TestPKI, client_env, run_as
 DEADLINE = 4.0
 
 MISSING_TLS_CLASSIFICATION = (
-    "ckpt_tasks/storage/xrootd.py classifies the client's '[FATAL] TLS error' (XRootD status "
-    "errTlsError: an untrusted server certificate, a host name not in it) as StorageUnavailable, "
-    "retried for the whole deadline, instead of a permanent error raised at once")
+    "ckpt_tasks/storage/xrootd_client.py (_CLIENT_ERRORS) classifies the client's '[FATAL] TLS error' "
+    "(status.code 110 errTlsError, status.fatal True: an untrusted server certificate, a host name "
+    "not in it) as StorageUnavailable, retried for the whole deadline, instead of a permanent "
+    "error raised at once")
 
 
 @pytest.fixture(scope="module")
