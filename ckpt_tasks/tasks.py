@@ -40,9 +40,11 @@ import luigi
 from ckpt_tasks import jobenv
 from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.jobenv.limits import DEFAULT_MARGIN, SiteLimits, parse_attribute_list
 from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.parameters import (LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
                                    PositiveIntParameter, check_parameters)
+from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE
@@ -65,26 +67,43 @@ class TaskCheckpointer(Checkpointer):
       and would report a failure instead of exit code 85;
     - with ``exit_interval`` it stops by itself after that many seconds, at the end of
       a step, as after a signal: HTCondor spools the checkpoint (spool mode) and
-      restarts the job at once.
+      restarts the job at once;
+    - with ``site_limits`` it stops the same way ``walltime_margin`` seconds before the
+      site's time limit (the job is restarted instead of killed or held), and its stop
+      deadline is cut to fit into the job's vacate time.
     """
 
     def __init__(self, workdir: Path, state: TrainingState, store_transfer: StoreTransfer,
                  exit_interval: float | None = None, asynchronous: bool = True,
-                 stop_deadline: float = 300.0, **kwargs):
+                 stop_deadline: float = 300.0, site_limits: SiteLimits | None = None,
+                 walltime_margin: float = DEFAULT_MARGIN, **kwargs):
         self.exit_interval = exit_interval
+        self.site_limits = site_limits or SiteLimits()
         self._started = time.monotonic()
+        self._stop_at = self.site_limits.stop_at(walltime_margin)
+        if self.site_limits.deadline is not None or self.site_limits.vacate_time is not None:
+            logger.info("site limits: %s", self.site_limits.describe())
+        if self._stop_at is not None and self._stop_at <= time.time():
+            logger.warning("%s leaves less than the margin of %.0f s: the job stops after its first step",
+                           self.site_limits.source, walltime_margin)
         super().__init__(workdir / "state.pt", lambda path, value: value.save(path),
                          lambda path: state.load(path) or state, defer_signals=True, hard_exit=True,
                          transfer=store_transfer,
-                         committer=TrainingStateCommitter(state, store_transfer, asynchronous, stop_deadline),
+                         committer=TrainingStateCommitter(state, store_transfer, asynchronous,
+                                                          self.site_limits.stop_deadline(stop_deadline)),
                          **kwargs)
 
     def step(self, value: Any) -> None:
-        """The Checkpointer's step; past ``exit_interval`` it then commits and exits."""
-        if self.exit_interval and time.monotonic() - self._started >= self.exit_interval \
-                and not self.stop_requested:
-            logger.info("checkpoint exit after %.0f s", time.monotonic() - self._started)
-            self.stop_guard.request(signal.SIGTERM)
+        """The Checkpointer's step; past ``exit_interval`` or the site's limit it then commits
+        and exits with the checkpoint exit code."""
+        if not self.stop_requested:
+            elapsed = time.monotonic() - self._started
+            if self.exit_interval and elapsed >= self.exit_interval:
+                logger.info("checkpoint exit after %.0f s", elapsed)
+                self.stop_guard.request(signal.SIGTERM)
+            elif self._stop_at is not None and time.time() >= self._stop_at:
+                logger.info("checkpoint exit before the site's limit: %s", self.site_limits.describe())
+                self.stop_guard.request(signal.SIGTERM)
         super().step(value)
 
     def flush(self) -> None:
@@ -152,6 +171,11 @@ class CheckpointedTask(law.Task):
         default=300.0, significant=False,
         description="seconds a SIGTERM may take to commit the last checkpoint (HTCondor hard-kills "
                     "after its vacate time, 600 s by default); default: 300")
+    walltime_margin = NonNegativeFloatParameter(
+        default=300.0, significant=False,
+        description="seconds before the site's time limit (read from the job ad: MaxRuntime, "
+                    "RequestRuntime, RequestWalltime, allowed_execute_duration, ...; [ckpt_tasks] "
+                    "walltime_attributes in law.cfg) at which to commit and exit with 85; default: 300")
     storage_timeout = NonNegativeFloatParameter(default=120.0, significant=False,
                                                 description="seconds to retry an unanswering storage before "
                                                             "failing; 0 no retry; default: 120")
@@ -233,11 +257,16 @@ class CheckpointedTask(law.Task):
 
     # -- the run -------------------------------------------------------------------------------------
 
+    def site_limits(self) -> SiteLimits:
+        """The time limits of the job this task runs in (none outside a job)."""
+        names = parse_attribute_list(law.config.get_expanded("ckpt_tasks", "walltime_attributes", default=None))
+        return jobenv.current().site_limits(names)
+
     def run(self):
         state = self.create_state()
         store = self.checkpoint_store()
         transfer = StoreTransfer(store, step_of=lambda: state.step, params=self.checkpoint_params(),
-                                 metadata_of=lambda: checkpoint_metadata(state, "interval"))
+                                 metadata_of=lambda: checkpoint_metadata(state, SaveReason.INTERVAL))
         workdir = jobenv.current().make_workdir(prefix="ckpt-")
         checkpointer = TaskCheckpointer(
             workdir, state, transfer,
@@ -247,6 +276,8 @@ class CheckpointedTask(law.Task):
             checkpoint_interval=self.checkpoint_interval or None,
             checkpoint_exit_code=CHECKPOINT_EXIT_CODE,
             exit_interval=self.checkpoint_exit_interval or None,
+            site_limits=self.site_limits(),
+            walltime_margin=self.walltime_margin,
         )
         session = TrainingSession(self, state, checkpointer, self.total_steps())
         try:

@@ -11,7 +11,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from ckpt_tasks.errors import JobAdError
+from ckpt_tasks.jobenv.limits import DEFAULT_WALLTIME_ATTRIBUTES, SiteLimits, read_site_limits
 from ckpt_tasks.jobenv.htcondor import JOB_AD_VARIABLE, SCRATCH_VARIABLE, JobAd, job_identity, read_job_ad
 
 logger = logging.getLogger(__name__)
@@ -49,9 +52,20 @@ class JobEnvironment:
             return None
         return _cached_identity(self.job_ad_path)
 
-    # The next readers of the job environment belong here too: the site's limits (walltime,
-    # vacate time, from the job ad or the site's configuration) and credentials (token or
-    # proxy files with their remaining lifetime).
+    def site_limits(self, attributes: Sequence[str] = DEFAULT_WALLTIME_ATTRIBUTES) -> SiteLimits:
+        """The site's time limits (:mod:`ckpt_tasks.jobenv.limits`); none outside a job, and
+        none, with a warning, when the ad cannot be read."""
+        if self.job_ad_path is None:
+            return SiteLimits()
+        try:
+            ad = self.job_ad()
+        except JobAdError as error:
+            logger.warning("no site time limits: %s", error)
+            return SiteLimits()
+        return read_site_limits(ad, attributes)
+
+    # The next reader of the job environment belongs here too: credentials (token or proxy
+    # files with their remaining lifetime).
 
 
 def current() -> JobEnvironment:
