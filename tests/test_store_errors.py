@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -76,10 +77,12 @@ def test_xrootd_path_below_a_file_and_too_long_fail_at_once(xrootd_server, tmp_p
 
 
 @contextlib.contextmanager
-def configured_server(configure: Callable[[XRootDServer], None]) -> Iterator[XRootDServer]:
-    """A private server whose configuration ``configure`` changes before it starts."""
+def configured_server(configure: Callable[[XRootDServer], None], directory: Path | None = None
+                      ) -> Iterator[XRootDServer]:
+    """A private server (its files in ``directory``) whose configuration ``configure`` changes
+    before it starts."""
     try:
-        server = XRootDServer()
+        server = XRootDServer(directory=directory)
     except ServerUnavailable as error:
         unavailable(str(error))  # skipped here, a failure under CI
     try:
@@ -169,6 +172,22 @@ def tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_xrootd_full_disk_fails_at_once(tmp_path):
+    """The server's data on a full tmpfs: it stores a short file and reports success."""
+    mount_point = Path(tempfile.mkdtemp(prefix="ckpt-tmpfs-"))  # the server's user must reach it
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        mount_point.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with configured_server(lambda server: None, directory=mount_point) as server:
+            store = CheckpointStore(f"{server.url}//run", retry=DEFAULT)
+            assert_fails_at_once(lambda: store.save(write(tmp_path, 1 << 20), 1), StorageFull, "no space left")
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        mount_point.rmdir()
 
 
 def test_local_full_disk_fails_at_once(tmpfs, tmp_path):

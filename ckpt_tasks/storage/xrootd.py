@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpt_tasks.errors import StorageError, StorageNotFound, StorageUnavailable, VerificationError
+from ckpt_tasks.errors import StorageError, StorageFull, StorageNotFound, StorageUnavailable, VerificationError
 from ckpt_tasks.progress import XRootDProgress, transfer_progress
 from ckpt_tasks.storage.checksum import adler32 as adler32_of
 from ckpt_tasks.storage.location import XRootDURL, parse_xrootd_url
@@ -234,14 +234,19 @@ class XRootDFileInterface:
                 handle.close(timeout=self.timeout)
         if on_sent is not None:
             on_sent()
+        return self._check_stored(url, size, sent, adler32)
+
+    def _check_stored(self, url: XRootDURL, size: int, sent: int, adler32: int | None) -> int:
+        """The server's adler32 of what it stored, checked against the bytes sent."""
         # The server acknowledges a write that its disk cut short (a full disk returns a
-        # short count, not an error, and the server passed that on as success in 5.5.3).
+        # short count, not an error, and the server passes that on as success in 5.5.3,
+        # measured with its data on a full tmpfs): no retry makes room, so it is permanent.
         info = self._stat_url(url)
         stored_size = info.size if info is not None else 0
         if stored_size != size:
-            raise StorageUnavailable(
-                f"the server stored only {stored_size} of {size} bytes of {url} and reported no error "
-                f"(no space left on its disk?)", str(url))
+            raise StorageFull(
+                f"the server stored only {stored_size} of {size} bytes of {url} and reported no error: "
+                f"no space left on its disk, or over quota", str(url))
         expected = sent if adler32 is None else adler32
         stored = self.checksum(url.url)
         if stored != expected or sent != expected:
