@@ -1,0 +1,92 @@
+"""One agreed stop: every rank stops after the same step.
+
+Each rank records its own signals with a :class:`~ckpt_tasks.stop.StopGuard` (a
+SIGTERM may reach one rank, or all of them at slightly different steps). At a step
+boundary the ranks combine their flags with one ``all_reduce(MAX)`` of a two-element
+integer tensor (stop requested, a time-based save due): every rank then knows the same
+answer after the same step. With ``every=k`` they combine only every k steps, which
+all ranks must agree on (it is a parameter of the training, like the world size).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_tasks.stop import StopGuard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What all ranks agreed on at a step boundary."""
+
+    stop: bool = False
+    save: bool = False
+
+
+NOTHING = Decision()
+
+
+class StopAgreement:
+    """A rank's local stop flag and the collective that makes it everyone's.
+
+    Args:
+        group: the process group to agree in (a gloo group; None: the default group).
+        every: combine flags every this many steps (the same on all ranks).
+    """
+
+    def __init__(self, group: Any = None, every: int = 1):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        import torch
+
+        self.group = group
+        self.every = every
+        # The guard only records: the stop itself happens when the ranks agree.
+        self.guard = StopGuard(lambda signum: None, defer=True)
+        self._flags = torch.zeros(2, dtype=torch.int32)
+
+    def install(self) -> bool:
+        """Record SIGTERM/SIGINT from now on (False where Python cannot handle signals).
+
+        Unblocks them too: the launcher starts ranks with them blocked, so a signal that
+        came during start-up is delivered (and recorded) now.
+        """
+        installed = self.guard.install()
+        if installed:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.guard.signals)
+        return installed
+
+    def uninstall(self) -> None:
+        self.guard.uninstall()
+
+    @property
+    def requested(self) -> bool:
+        """Whether this rank received a stop signal (or :meth:`request`) not agreed on yet."""
+        return self.guard.requested is not None
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop as if ``signum`` had arrived (a site limit, a test)."""
+        self.guard.request(signum)
+
+    def agree(self, step: int, save_due: bool = False) -> Decision:
+        """After ``step``: combine every rank's flags (on multiples of ``every``).
+
+        A collective: every rank calls it after every step. It raises when a peer has
+        died or does not answer within the group's timeout.
+        """
+        if step % self.every:
+            return NOTHING
+        import torch.distributed as dist
+
+        flags = self._flags
+        flags[0] = int(self.requested)
+        flags[1] = int(save_due)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop, save = bool(flags[0]), bool(flags[1])
+        if stop:
+            logger.info("the ranks agreed to stop after step %d", step)
+        return Decision(stop, save) if (stop or save) else NOTHING
