@@ -56,7 +56,8 @@ def workdir():
     for directory in (path, path / "data"):
         os.chown(directory, user.pw_uid, user.pw_gid)
     yield path
-    pool("exec", "condor_rm -all", check=False)  # nothing a failed test left may run on
+    # Nothing a failed test left may run on; jobs of others sharing the pool are left alone.
+    pool("exec", f"condor_rm -constraint '{mine(path)}'", check=False)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -73,8 +74,14 @@ def start_in_pool(command: str, workdir: Path) -> subprocess.Popen:
         return subprocess.Popen(["bash", str(POOL), "exec", command], stdout=log, stderr=subprocess.STDOUT)
 
 
-def condor_jobs(constraint: str = "true") -> list[dict]:
-    out = pool("exec", f"condor_q -allusers -constraint '{constraint}' -json "
+def mine(workdir: Path) -> str:
+    """A ClassAd constraint: the jobs of the workflow in ``workdir`` (law sets their initialdir
+    there), not those of others sharing the pool."""
+    return f'regexp("^{workdir}/", Iwd)'
+
+
+def condor_jobs(workdir: Path, constraint: str = "true") -> list[dict]:
+    out = pool("exec", f"condor_q -allusers -constraint '({constraint}) && {mine(workdir)}' -json "
                        "-attributes ClusterId,ProcId,JobStatus,NumJobStarts,CheckpointNumber")
     return json.loads(out) if out.strip() else []
 
@@ -207,8 +214,8 @@ def test_store_mode_survives_graceful_and_hard_evictions_bit_identically(htcondo
             return max(found) if found and max(found) > above else None
 
         wait_until(lambda: checkpoint_of(0, 10) and checkpoint_of(1, 10), 180, "checkpoints of both branches")
-        wait_until(lambda: len(condor_jobs("JobStatus == 2")) == 2, 60, "two running jobs")
-        ids = sorted(f"{j['ClusterId']}.{j['ProcId']}" for j in condor_jobs())
+        wait_until(lambda: len(condor_jobs(workdir, "JobStatus == 2")) == 2, 60, "two running jobs")
+        ids = sorted(f"{j['ClusterId']}.{j['ProcId']}" for j in condor_jobs(workdir))
         assert len(ids) == 2, ids
         # graceful eviction of one job, hard kill of the other
         pool("exec", f"condor_vacate_job {ids[0]}")
@@ -243,7 +250,7 @@ def test_spool_mode_resumes_from_the_checkpoint_htcondor_transferred(htcondor_po
         # Wait until HTCondor has spooled a checkpoint (CheckpointNumber counts the uploads
         # after exit 85), then evict: the job starts again in a new, empty sandbox.
         def spooled_and_running():
-            return [j for j in condor_jobs("JobStatus == 2 && CheckpointNumber >= 1")]
+            return [j for j in condor_jobs(workdir, "JobStatus == 2 && CheckpointNumber >= 1")]
 
         (job,) = wait_until(spooled_and_running, 180, "a spooled checkpoint")
         pool("exec", f"condor_vacate_job {job['ClusterId']}.{job['ProcId']}")
