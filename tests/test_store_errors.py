@@ -159,6 +159,11 @@ def test_xrootd_status_classification(code, errno_, message, expected):
     assert error_class(code, errno_, message) is expected
 
 
+def test_a_fatal_tls_error_is_permanent_and_another_is_not():
+    assert error_class(110, 0, "[FATAL] TLS error", fatal=True) is StorageAuthenticationFailed
+    assert error_class(110, 0, "TLS error", fatal=False) is StorageUnavailable
+
+
 # -- local directories ------------------------------------------------------------------------
 
 @pytest.fixture

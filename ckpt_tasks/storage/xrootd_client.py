@@ -11,6 +11,8 @@ Debian's xrootd 5.5.3 with the pip client 6.2.1 (tests/test_store_errors.py):
 - an export marked ``r/o``: 3005 kXR_FSError, "file path marked read/only";
 - a path below a file: 3005, "not a directory"; a path too long: 3002 kXR_ArgTooLong;
 - a server that wants sss credentials the client lacks: code 204 errAuthFailed, at once;
+- a ``roots://`` server whose certificate the client does not trust, or that does not name
+  the host: code 110 errTlsError, fatal (tests/test_auth_tls.py);
 - nothing listening: code 206 errOperationExpired after the call's timeout.
 """
 from __future__ import annotations
@@ -53,6 +55,9 @@ _CLIENT_ERRORS: dict[int, type[StorageError]] = {
     204: StorageAuthenticationFailed,  # errAuthFailed
     9: InvalidStoragePath,  # errInvalidArgs
 }
+# errTlsError: the client does not trust the server's certificate, or its host name is not in
+# it. Permanent when the client calls it fatal; a TLS connection cut short is not.
+_TLS_ERROR = 110
 _ERROR_RESPONSE = 400  # errErrorResponse: the server answered with an error code
 
 #: uploads and checked downloads move chunks of this size, this many at a time (as xrdcp does)
@@ -94,8 +99,10 @@ def gated(method):
     return run_gated
 
 
-def error_class(code: int, errno: int, message: str) -> type[StorageError]:
-    """The contract's error class of a failed status (``code``, ``errno``, ``message``)."""
+def error_class(code: int, errno: int, message: str, fatal: bool = False) -> type[StorageError]:
+    """The contract's error class of a failed status (``code``, ``errno``, ``message``, ``fatal``)."""
+    if code == _TLS_ERROR and fatal:
+        return StorageAuthenticationFailed
     if code == _ERROR_RESPONSE:
         cls = _SERVER_ERRORS.get(errno, StorageUnavailable)
         if cls is PermanentStorageError:
@@ -108,7 +115,7 @@ def error_class(code: int, errno: int, message: str) -> type[StorageError]:
 def classify_status(status, what: str, url) -> StorageError:
     """The contract's error for the failed XRootD ``status`` of ``what`` on ``url``."""
     message = status.message.strip()
-    cls = error_class(status.code, status.errno, message)
+    cls = error_class(status.code, status.errno, message, bool(getattr(status, "fatal", False)))
     return cls(f"XRootD {what} failed for {url}: {message}", str(url))
 
 
