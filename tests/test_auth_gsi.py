@@ -7,10 +7,12 @@ runs in a process of its own, because the XRootD client reads its proxy once per
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 
 import pytest
 
-from xrootd_auth import client_env, run_as
+from xrootd_auth import ClientSession, client_env, run_as
 
 #: a refusal must come at once, not after the store's retry deadline (20 s in these clients)
 PROMPT = 5.0
@@ -112,3 +114,28 @@ def test_a_proxy_made_by_xrdgsiproxy_works(alice_run, test_pki, people):
     answer = run_as(client_env(test_pki, proxy), "list", alice_run)
     assert answer["ok"], answer
     assert 1 in answer["steps"]
+
+
+def test_a_proxy_expiring_mid_run_fails_the_next_connection_and_a_renewed_file_is_used(
+        alice_run, test_pki, people):
+    """What a long training sees: an authenticated connection outlives its proxy, but the next
+    connection (after the client closed the idle one, here after 1 s instead of 300) is refused
+    at once as an authentication failure; once the file is replaced by a fresh proxy, as
+    HTCondor refreshes ``x509userproxy``, the same process commits again."""
+    alice, directory = people["alice"][0], people["directory"]
+    lifetime = dt.timedelta(seconds=6)
+    proxy = test_pki.proxy(alice, directory / "x509up_short", lifetime=lifetime)
+    expires = time.monotonic() + lifetime.total_seconds()
+    session = ClientSession(client_env(test_pki, proxy, XRD_DATASERVERTTL="1"), alice_run)
+    try:
+        assert session.do("save", "20")["ok"]
+        time.sleep(max(0.0, expires - time.monotonic()) + 3)  # expired, and the idle connection closed
+        refused = session.do("save", "21")
+        assert refused["error"] == "StorageAuthenticationFailed", refused
+        assert refused["seconds"] < PROMPT
+        renewed = test_pki.proxy(alice, directory / "x509up_renewed", lifetime=dt.timedelta(hours=1))
+        os.replace(renewed, proxy)
+        again = session.do("save", "22")
+        assert again["ok"], again
+    finally:
+        session.close()

@@ -382,11 +382,39 @@ def run_as(env: dict[str, str], operation: str, location: str, *args: str, timeo
     return answer
 
 
+class ClientSession:
+    """One client process that keeps its XRootD connections across operations (as a training
+    does): ``session.do("save", "3")`` answers like :func:`run_as`."""
+
+    def __init__(self, env: dict[str, str], location: str):
+        self.process = subprocess.Popen([sys.executable, __file__, "serve", location], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def do(self, operation: str, *args: str) -> dict:
+        self.process.stdin.write(" ".join([operation, *args]) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError(f"the client session ended with {self.process.wait(10)}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
 def _client_main(argv: list[str]) -> int:
-    """``python xrootd_auth.py OPERATION LOCATION [ARG]``, OPERATION one of
+    """``python xrootd_auth.py OPERATION LOCATION [ARG...]``, OPERATION one of
     ``save STEP`` (a checkpoint whose content is ``step-STEP``), ``list``, ``restore``,
     ``remove NAME`` (a file of the location, through the store's backend),
-    ``preflight [MIN_LIFETIME_SECONDS]`` (``ckpt_tasks.preflight.preflight``)."""
+    ``preflight [MIN_LIFETIME_SECONDS]`` (``ckpt_tasks.preflight.preflight``),
+    ``train STEPS FORBIDDEN`` (:func:`_train`), or ``serve``: one operation per line of
+    stdin, answered on a line of stdout, all in this process."""
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -397,6 +425,13 @@ def _client_main(argv: list[str]) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     store = CheckpointStore(location, retry=RetryPolicy(deadline=float(os.environ.get("AUTH_TEST_DEADLINE", "20")),
                                                         initial_delay=0.2))
+    requests = (line.split() for line in sys.stdin) if operation == "serve" else iter([[operation, *args]])
+    for request in requests:
+        print(json.dumps(_operate(store, location, request[0], request[1:])), flush=True)
+    return 0
+
+
+def _operate(store, location: str, operation: str, args: list[str]) -> dict:
     start = time.monotonic()
     answer: dict = {"ok": True}
     try:
@@ -427,8 +462,7 @@ def _client_main(argv: list[str]) -> int:
         answer = {"ok": False, "error": type(error).__name__, "reason": getattr(error, "reason", None),
                   "errors": [cls.__name__ for cls in type(error).__mro__], "message": str(error)}
     answer["seconds"] = round(time.monotonic() - start, 2)
-    print(json.dumps(answer), flush=True)
-    return 0
+    return answer
 
 
 def _train(location: str, steps: int, forbidden: str, work: Path) -> list[int]:
