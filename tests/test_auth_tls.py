@@ -9,13 +9,6 @@ from xrootd_auth import TestPKI, client_env, run_as
 #: the store's retry deadline in the clients of the refusal tests; a refusal must beat it
 DEADLINE = 4.0
 
-MISSING_TLS_CLASSIFICATION = (
-    "ckpt_tasks/storage/xrootd_client.py (_CLIENT_ERRORS) classifies the client's '[FATAL] TLS error' "
-    "(status.code 110 errTlsError, status.fatal True: an untrusted server certificate, a host name "
-    "not in it) as StorageUnavailable, retried for the whole deadline, instead of a permanent "
-    "error raised at once")
-
-
 @pytest.fixture(scope="module")
 def tls_server(make_auth_server):
     """Anonymous users over TLS: the transport alone is under test here."""
@@ -66,8 +59,8 @@ def _refused(env: dict, location: str) -> dict:
 
 
 def _at_once(answer: dict) -> None:
-    if answer["error"] == "StorageUnavailable":
-        pytest.xfail(MISSING_TLS_CLASSIFICATION)
+    """A permanent error (the client's errTlsError, fatal), not an outage retried to the deadline."""
+    assert "PermanentStorageError" in answer["errors"], answer
     assert answer["seconds"] < DEADLINE / 2
 
 
