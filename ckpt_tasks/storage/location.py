@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 # host: a DNS name, an IPv4 address or a bracketed IPv6 address; port optional.
 _SERVER_RE = re.compile(
@@ -71,7 +71,12 @@ def validate_remote_path(path: str, what: str = "path") -> str:
 
 
 def parse_xrootd_url(url: str) -> XRootDURL:
-    """Split and validate ``root://host[:port]//abs/path``."""
+    """Split and validate ``root://host[:port]//abs/path``.
+
+    Lenient, as XRootD is: ``root://host/p`` is the path ``/p`` too (the seed's xrootd mode
+    and law's targets build such URLs). Locations given by users go through the strict
+    ``validate_location`` first.
+    """
     match = re.match(r"^(roots?://[^/]+)(/.*)?$", url)
     if not match:
         raise ValueError(f"{url!r} is not an XRootD URL; expected 'root://host[:port]//absolute/path'")
@@ -80,22 +85,6 @@ def parse_xrootd_url(url: str) -> XRootDURL:
     # "root://host//abs" carries the path "/abs"; "root://host/rel" is the same path for XRootD.
     path = "/" + raw_path.lstrip("/")
     return XRootDURL(server, validate_remote_path(path, "path of " + url))
-
-
-def is_xrootd_url(location: str | os.PathLike) -> bool:
-    return isinstance(location, str) and location.startswith(("root://", "roots://"))
-
-
-def local_path_from(location: str | os.PathLike) -> Path:
-    """A local path from a path or a ``file://`` URL; other schemes are refused."""
-    text = os.fspath(location)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-        if not text.startswith("/"):
-            raise ValueError(f"file URL {location!r} must carry an absolute path (file:///...)")
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        raise ValueError(f"unsupported storage scheme in {location!r}; use a path, file:// or root://")
-    return Path(text).expanduser()
 
 
 #: the forms a storage location may take, as error messages name them
