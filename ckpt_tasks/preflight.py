@@ -140,11 +140,12 @@ def probe_store(location: str | os.PathLike, deadline: float = 30.0) -> float:
 
 
 def _hint(error: StorageError) -> str:
-    if isinstance(error, StorageAuthenticationFailed):
-        return " (the storage did not accept the credentials: check the proxy or token above)"
+    # The client's words for an untrusted CA are "TLS error: resource temporarily unavailable".
     if "TLS" in str(error):
         return (" (a TLS failure: X509_CERT_DIR must hold the CA of the server's certificate, "
                 "and the host name must be one the certificate names)")
+    if isinstance(error, StorageAuthenticationFailed):
+        return " (the storage did not accept the credentials: check the proxy or token found)"
     return ""
 
 

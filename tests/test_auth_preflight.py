@@ -140,3 +140,16 @@ def test_a_token_that_may_create_but_not_replace_is_caught(make_auth_server, tok
     full = write_secret(tmp_path / "full", token_issuer.token(
         "storage.read:/alice storage.create:/alice storage.modify:/alice"))
     assert run_as(client_env(test_pki, BEARER_TOKEN_FILE=str(full)), "preflight", f"{server.url}//alice/pre")["ok"]
+
+
+def test_an_untrusted_server_certificate_is_refused_with_what_to_check(make_auth_server):
+    from xrootd_auth import TestPKI
+
+    server = make_auth_server(protocol=None, tls=True)
+    stranger = TestPKI()
+    try:
+        answer = run_as(client_env(stranger), "preflight", f"{server.url}//runs/pre")
+    finally:
+        stranger.cleanup()
+    assert answer["reason"] == STORAGE, answer
+    assert "X509_CERT_DIR" in answer["message"] and answer["seconds"] < 5
