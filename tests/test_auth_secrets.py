@@ -10,10 +10,12 @@ import pytest
 from xrootd_auth import client_env, run_as
 
 
-@pytest.fixture(scope="module")
-def gsi(make_auth_server, test_pki):
+@pytest.fixture(scope="module", params=[False, True], ids=["root", "roots"])
+def gsi(request, make_auth_server, test_pki):
+    """gsi on root://, and on roots:// (TLS): the seed's Checkpointer and the store on both."""
     alice = test_pki.user("leak-alice")
-    server = make_auth_server(protocol="gsi", authdb="u alice /alice a\n", gridmap={alice.subject: "alice"})
+    server = make_auth_server(protocol="gsi", tls=request.param, authdb="u alice /alice a\n",
+                              gridmap={alice.subject: "alice"})
     return server, alice
 
 
