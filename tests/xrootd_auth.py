@@ -11,7 +11,8 @@
 - :func:`client_env`: the environment a client process needs for one identity.
 
 The XRootD client reads its credentials once per process, so each identity runs its
-storage operations in a subprocess of its own (:func:`run_as`).
+storage operations in a subprocess of its own (:func:`run_as`, :class:`ClientSession`,
+running ``tests/helpers/auth_client.py``).
 """
 from __future__ import annotations
 
@@ -369,10 +370,14 @@ def client_env(pki: TestPKI | None = None, proxy: str | os.PathLike | None = Non
     return env
 
 
+#: the client process: ``tests/helpers/auth_client.py`` (its docstring lists the operations)
+CLIENT = str(Path(__file__).parent / "helpers" / "auth_client.py")
+
+
 def run_as(env: dict[str, str], operation: str, location: str, *args: str, timeout: float = 60.0) -> dict:
-    """Run one store ``operation`` (see :func:`_client_main`) in a client process with ``env``;
+    """Run one store ``operation`` (see :data:`CLIENT`) in a client process with ``env``;
     return its JSON answer: ``{"ok": ..., "error": class name, "message": ..., "seconds": ...}``."""
-    result = subprocess.run([sys.executable, __file__, operation, location, *args], env=env,
+    result = subprocess.run([sys.executable, CLIENT, operation, location, *args], env=env,
                             capture_output=True, text=True, timeout=timeout)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
@@ -387,7 +392,7 @@ class ClientSession:
     does): ``session.do("save", "3")`` answers like :func:`run_as`."""
 
     def __init__(self, env: dict[str, str], location: str):
-        self.process = subprocess.Popen([sys.executable, __file__, "serve", location], env=env, text=True,
+        self.process = subprocess.Popen([sys.executable, CLIENT, "serve", location], env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def do(self, operation: str, *args: str) -> dict:
@@ -406,105 +411,3 @@ class ClientSession:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-
-
-def _client_main(argv: list[str]) -> int:
-    """``python xrootd_auth.py OPERATION LOCATION [ARG...]``, OPERATION one of
-    ``save STEP`` (a checkpoint whose content is ``step-STEP``), ``list``, ``restore``,
-    ``remove NAME`` (a file of the location, through the store's backend),
-    ``preflight [MIN_LIFETIME_SECONDS]`` (``ckpt_tasks.preflight.preflight``),
-    ``train STEPS FORBIDDEN`` (:func:`_train`), or ``serve``: one operation per line of
-    stdin, answered on a line of stdout, all in this process."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from ckpt_tasks.storage import CheckpointStore, RetryPolicy
-
-    operation, location, *args = argv
-    if operation == "train":  # everything, the XRootD client's messages too, to be searched
-        logging.getLogger().setLevel(logging.DEBUG)
-    store = CheckpointStore(location, retry=RetryPolicy(deadline=float(os.environ.get("AUTH_TEST_DEADLINE", "20")),
-                                                        initial_delay=0.2))
-    requests = (line.split() for line in sys.stdin) if operation == "serve" else iter([[operation, *args]])
-    for request in requests:
-        print(json.dumps(_operate(store, location, request[0], request[1:])), flush=True)
-    return 0
-
-
-def _operate(store, location: str, operation: str, args: list[str]) -> dict:
-    start = time.monotonic()
-    answer: dict = {"ok": True}
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            if operation == "save":
-                source = Path(work) / "state.bin"
-                source.write_bytes(f"step-{args[0]}".encode())
-                answer["step"] = store.save(source, int(args[0])).step
-            elif operation == "list":
-                answer["steps"] = [checkpoint.step for checkpoint in store.list()]
-            elif operation == "restore":
-                checkpoint = store.restore(Path(work) / "restored.bin")
-                answer["step"] = checkpoint.step if checkpoint else None
-                answer["content"] = (Path(work) / "restored.bin").read_text() if checkpoint else None
-            elif operation == "remove":
-                answer["removed"] = store.files.remove(f"{store.root}/{args[0]}", silent=False)
-            elif operation == "train":
-                answer["steps"] = _train(location, int(args[0]), args[1], Path(work))
-            elif operation == "preflight":
-                from ckpt_tasks.preflight import preflight
-
-                report = preflight(location, min_lifetime=float(args[0]) if args else None, deadline=5.0)
-                answer["warnings"] = list(report.warnings)
-                answer["credentials"] = [str(credential) for credential in report.credentials]
-            else:
-                raise SystemExit(f"unknown operation {operation!r}")
-    except Exception as error:  # the answer names what the store raised
-        answer = {"ok": False, "error": type(error).__name__, "reason": getattr(error, "reason", None),
-                  "errors": [cls.__name__ for cls in type(error).__mro__], "message": str(error)}
-    answer["seconds"] = round(time.monotonic() - start, 2)
-    return answer
-
-
-def _train(location: str, steps: int, forbidden: str, work: Path) -> list[int]:
-    """A small training that runs the preflight, commits through the store every step, keeps
-    a copy with the seed's Checkpointer in xrootd mode, restores, and provokes one refusal
-    (a preflight of the directory ``forbidden``), logging all of it."""
-    import logging
-
-    import torch
-
-    from ckpt_tasks import Checkpointer
-    from ckpt_tasks.jobenv.credentials import find_credentials
-    from ckpt_tasks.preflight import PreflightRefused, preflight
-    from ckpt_tasks.storage import CheckpointStore
-
-    log = logging.getLogger("auth-train")
-    log.info("credentials: %s", find_credentials())
-    preflight(location, expected_duration=86400, deadline=5.0)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
-    store = CheckpointStore(location, keep_last=2)
-    server, _, path = location.partition("//")[2].partition("/")
-    seed = Checkpointer(work / "seed.pt", lambda where, value: torch.save(value, where),
-                        lambda where: torch.load(where, weights_only=True), checkpoint_transfer_mode="xrootd",
-                        checkpoint_transfer_target=f"/{path}/seed.pt",
-                        xrootd_server_name=location.partition("//")[0] + "//" + server, handle_signals=False)
-    for step in range(steps):
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        torch.save(model.state_dict(), work / "state.pt")
-        store.save(work / "state.pt", step, metadata={"loss": float(loss)})
-        seed.step(model.state_dict())
-    store.restore(work / "restored.pt")
-    try:
-        preflight(forbidden, deadline=5.0)
-    except PreflightRefused:
-        log.exception("the refusal, as a user would see it")
-    return [checkpoint.step for checkpoint in store.list()]
-
-
-if __name__ == "__main__":
-    sys.exit(_client_main(sys.argv[1:]))
