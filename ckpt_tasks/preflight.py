@@ -149,6 +149,19 @@ def _hint(error: StorageError) -> str:
     return ""
 
 
+def _probe_naming_missing(location: str | os.PathLike, deadline: float, credentials: list[Credential]) -> float:
+    """:func:`probe_store`; a storage that refuses to authenticate a process holding no
+    credential at all is a ``missing`` credential, and said so."""
+    try:
+        return probe_store(location, deadline)
+    except PreflightRefused as refused:
+        cause = refused.__cause__
+        if credentials or not isinstance(cause, StorageAuthenticationFailed) or "TLS" in str(cause):
+            raise
+        raise PreflightRefused(MISSING, f"{location} wants credentials and none was found (looked at "
+                                        f"{_WHERE[X509_PROXY]}; {_WHERE[BEARER_TOKEN]}): {cause}") from cause
+
+
 def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | None = None,
               expected_duration: dt.timedelta | float | None = None, require: Iterable[str] = (),
               probe: bool = True, deadline: float = 30.0,
@@ -185,6 +198,6 @@ def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | 
     warnings = check_credentials(credentials, min_lifetime, expected_duration, require)
     seconds = None
     if probe:
-        seconds = probe_store(location, deadline)
+        seconds = _probe_naming_missing(location, deadline, credentials)
         logger.info("preflight: %s takes commits (write, rename, replace, delete in %.2f s)", location, seconds)
     return PreflightReport(os.fspath(location), tuple(credentials), tuple(warnings), seconds)

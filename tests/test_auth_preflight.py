@@ -114,6 +114,14 @@ def test_another_identity_is_refused_naming_the_step(gsi, test_pki):
     assert "cannot create the directory" in answer["message"] and "permission denied" in answer["message"]
 
 
+def test_no_credential_for_a_storage_that_wants_one_is_named_missing(gsi, test_pki):
+    server, _, _ = gsi
+    answer = run_as(client_env(test_pki), "preflight", f"{server.url}//alice/pre")
+    assert answer["reason"] == MISSING, answer
+    assert "none was found" in answer["message"] and "X509_USER_PROXY" in answer["message"]
+    assert answer["seconds"] < 5
+
+
 def test_an_expired_proxy_is_refused_before_the_probe(gsi, test_pki):
     server, people, directory = gsi
     proxy = test_pki.proxy(people["alice"], directory / "old", lifetime=-HOUR)
