@@ -129,6 +129,48 @@ class NonNegativeFloatParameter(BoundedFloatParameter):
         super().__init__(*args, minimum=0, **kwargs)
 
 
+class CheckedChoiceParameter(CheckedParameter, luigi.ChoiceParameter):
+    """One of ``choices`` (luigi's ChoiceParameter, refused with the parameter's name)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # luigi's description already lists the choices
+        self.accepted = "one of " + ", ".join(repr(choice) for choice in sorted(self._choices))
+
+    def parse(self, x: Any) -> Any:
+        try:
+            return super().parse(x)
+        except (TypeError, ValueError):
+            return x  # refused, with its name, by checked()
+
+    def normalize(self, x: Any) -> Any:
+        return x  # luigi's raises without naming the parameter; checked() refuses instead
+
+    def checked(self, value: Any, flag: str) -> Any:
+        if value not in self._choices:
+            raise ValueError(f"{flag} {value!r} is not {self.accepted}")
+        return value
+
+
+class CheckedBoolParameter(CheckedParameter, luigi.BoolParameter):
+    """True or False (luigi's BoolParameter, whose normalize turns other text into None)."""
+
+    accepted = "true or false"
+
+    def parse(self, x: Any) -> Any:
+        try:
+            return super().parse(x)
+        except ValueError:
+            return x  # refused, with its name, by checked()
+
+    def normalize(self, x: Any) -> Any:
+        return x if isinstance(x, bool) else self.parse(x)
+
+    def checked(self, value: Any, flag: str) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} {value!r} is not {self.accepted}")
+        return value
+
+
 class LocationParameter(CheckedParameter, luigi.Parameter):
     """A storage location: an absolute or relative path, ``file:///...``, ``root(s)://host//path``.
 

@@ -42,8 +42,8 @@ from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metad
 from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.jobenv.limits import DEFAULT_MARGIN, SiteLimits, parse_attribute_list
 from ckpt_tasks.fingerprint import parameter_fingerprint
-from ckpt_tasks.parameters import (LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
-                                   PositiveIntParameter, check_parameters)
+from ckpt_tasks.parameters import (CheckedBoolParameter, LocationParameter, NonNegativeFloatParameter,
+                                   PositiveFloatParameter, PositiveIntParameter, check_parameters)
 from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
@@ -163,8 +163,8 @@ class CheckpointedTask(law.Task):
         default=0.0, significant=False,
         description="exit with 85 after the first checkpoint once this many seconds passed, so "
                     "HTCondor spools the checkpoint (spool mode); 0 never; default: 0")
-    async_checkpoint = luigi.BoolParameter(
-        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    async_checkpoint = CheckedBoolParameter(
+        default=True, significant=False, parsing=CheckedBoolParameter.EXPLICIT_PARSING,
         description="commit checkpoints in the background, pausing training only for an in-memory "
                     "snapshot; default: True")
     stop_deadline = PositiveFloatParameter(

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_tasks.parameters import (InvalidParameterError, LocationParameter, NonNegativeFloatParameter,
-                                   PositiveFloatParameter, PositiveIntParameter)
+from ckpt_tasks.parameters import (CheckedBoolParameter, CheckedChoiceParameter, InvalidParameterError,
+                                   LocationParameter, NonNegativeFloatParameter, PositiveFloatParameter,
+                                   PositiveIntParameter)
 from test_train_task import LAW, ROOT, law_env, law_index  # noqa: F401  (law_index: the autouse index)
 
 
@@ -59,6 +60,15 @@ BAD = [
 def test_out_of_range_numbers_are_refused(places, flag, value):
     assert_refused(law_run(*places, flag, value, "--epochs" if flag != "--epochs" else "--hidden", "1"),
                    flag, *places)
+
+
+@pytest.mark.parametrize("flag,value,accepted", [("--device", "gpu", "one of 'auto', 'cpu', 'cuda'"),
+                                                  ("--checkpoint-mode", "foo", "one of 'spool', 'store'"),
+                                                  ("--async-checkpoint", "maybe", "true or false")])
+def test_a_choice_or_switch_that_is_none_of_its_values_is_refused(places, flag, value, accepted):
+    result = law_run(*places, "--epochs", "1", flag, value)
+    assert_refused(result, flag, *places)
+    assert accepted in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("store", ["root:/127.0.0.1//ckpt", "root://", "root//127.0.0.1//ckpt",
@@ -146,6 +156,16 @@ def test_parameter_bounds():
         with pytest.raises(ValueError, match="--x"):
             parameter.checked(value, "--x")
     assert "accepted: an integer >= 1" in PositiveIntParameter(description="epochs").description
+
+
+def test_choice_and_switch_parameters():
+    choice, switch = CheckedChoiceParameter(choices=["a", "b"]), CheckedBoolParameter()
+    assert choice.checked(choice.normalize(choice.parse("a")), "--c") == "a"
+    assert switch.checked(switch.normalize(switch.parse("False")), "--s") is False
+    with pytest.raises(ValueError, match=r"--c 'z' is not one of 'a', 'b'"):
+        choice.checked(choice.normalize(choice.parse("z")), "--c")
+    with pytest.raises(ValueError, match=r"--s 'perhaps' is not true or false"):
+        switch.checked(switch.normalize("perhaps"), "--s")
 
 
 def test_location_parameter_keeps_urls_and_refuses_near_urls(tmp_path):

@@ -19,7 +19,7 @@ import luigi
 
 from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.htcondor.workflow import HTCondorWorkflow
-from ckpt_tasks.parameters import NonNegativeFloatParameter, PositiveIntParameter
+from ckpt_tasks.parameters import CheckedChoiceParameter, NonNegativeFloatParameter, PositiveIntParameter
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.tasks import CheckpointedTask, TrainingSession
 
@@ -66,8 +66,8 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
     epochs = PositiveIntParameter(default=20, description="training epochs; default: 20")
     batch_size = PositiveIntParameter(default=32, description="batch size; default: 32")
     hidden = PositiveIntParameter(default=64, description="hidden units per layer; default: 64")
-    device = luigi.ChoiceParameter(default="auto", choices=["auto", "cpu", "cuda"], significant=False,
-                                   description="where to train: auto (cuda when present), cpu, cuda")
+    device = CheckedChoiceParameter(default="auto", choices=["auto", "cpu", "cuda"], significant=False,
+                                        description="where to train: auto (cuda when present), cpu, cuda")
     step_delay = NonNegativeFloatParameter(default=0.0, significant=False,
                                            description="seconds to wait after each step, to make the short "
                                                        "demo training last long enough to interrupt; "

@@ -28,7 +28,8 @@ law.contrib.load("htcondor")
 
 from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the contrib loaded)
 
-from ckpt_tasks.parameters import NonNegativeIntParameter, PositiveIntParameter  # noqa: E402
+from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeIntParameter,  # noqa: E402
+                                   PositiveIntParameter)
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
 
 #: the sandbox directory that holds a spool-mode branch's checkpoints (rendered into job.sh)
@@ -74,7 +75,7 @@ class CheckpointingJobManager(HTCondorJobManager):
 class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
     """law's HTCondorWorkflow for CheckpointedTasks; see the module docstring."""
 
-    checkpoint_mode = luigi.ChoiceParameter(
+    checkpoint_mode = CheckedChoiceParameter(
         default="store", choices=["store", "spool"], significant=False,
         description="where checkpoints survive an eviction: 'store' (XRootD or a shared path) or "
                     "'spool' (HTCondor's own checkpoint transfer); default: store")
