@@ -3,12 +3,14 @@ on real servers: what a token's scope allows, and refusals that name their cause
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
-from xrootd_auth import client_env, make_keytab, run_as, write_secret
+from xrootd_auth import ClientSession, client_env, make_keytab, run_as, write_secret
 
 #: a refusal must come at once, not after the store's retry deadline (20 s in these clients)
 PROMPT = 5.0
@@ -101,6 +103,27 @@ def test_no_token_fails_at_once_naming_authentication(alice_run, test_pki):
     assert not answer["ok"]
     assert answer["error"] == "StorageAuthenticationFailed", answer
     assert answer["seconds"] < PROMPT
+
+
+def test_a_token_expiring_mid_run_fails_the_next_connection_and_a_renewed_file_is_used(
+        alice_run, token_issuer, test_pki, token_dir):
+    """As with a proxy: the open connection outlives the token, the next one (the idle one
+    closed after 1 s instead of 300) is refused at once, and a token file replaced in place
+    (as HTCondor's credmon or htgettoken renew it) is read at the next connection."""
+    lifetime = dt.timedelta(seconds=6)
+    token = write_secret(token_dir / "short", token_issuer.token(FULL, lifetime=lifetime))
+    expires = time.monotonic() + lifetime.total_seconds()
+    session = ClientSession(client_env(test_pki, BEARER_TOKEN_FILE=str(token), XRD_DATASERVERTTL="1"), alice_run)
+    try:
+        assert session.do("save", "30")["ok"]
+        time.sleep(max(0.0, expires - time.monotonic()) + 3)
+        refused = session.do("save", "31")
+        assert refused["error"] == "StorageAuthenticationFailed", refused
+        assert refused["seconds"] < PROMPT
+        os.replace(write_secret(token_dir / "renewed", token_issuer.token(FULL)), token)
+        assert session.do("save", "32")["ok"]
+    finally:
+        session.close()
 
 
 # -- sss: shared-secret keytabs -------------------------------------------------------------
