@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_tasks.errors import CkptTasksError, StorageAuthenticationFailed, StorageError
-from ckpt_tasks.jobenv.credentials import (BEARER_TOKEN, X509_PROXY, Credential, CredentialError, find_proxy,
-                                           find_token)
+from ckpt_tasks.jobenv.credentials import (BEARER_TOKEN, X509_PROXY, Credential, CredentialError,
+                                           condor_token_files, find_proxy, find_token)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _seconds(value: dt.timedelta | float | int) -> float:
 
 def check_credentials(credentials: Iterable[Credential], min_lifetime: dt.timedelta | float | None = None,
                       expected_duration: dt.timedelta | float | None = None, require: Iterable[str] = (),
-                      now: dt.datetime | None = None) -> list[str]:
+                      now: dt.datetime | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
     """Refuse when a ``require``-d kind is missing, or when any credential is expired or has
     less than ``min_lifetime`` left (None: :data:`DEFAULT_MIN_LIFETIME` of its kind); return
     warnings (ends before ``expected_duration``, expiry unknown). Every credential found is checked: a stale proxy next to a good token
@@ -81,7 +81,7 @@ def check_credentials(credentials: Iterable[Credential], min_lifetime: dt.timede
         if kind is None:
             raise ValueError(f"require={name!r}: expected one of {sorted(KINDS)}")
         if not any(credential.kind == kind for credential in credentials):
-            raise PreflightRefused(MISSING, f"no {kind} found (looked at {_WHERE[kind]})")
+            raise PreflightRefused(MISSING, f"no {kind} found (looked at {_WHERE[kind]}){_condor_hint(kind, environ)}")
     warnings = []
     for credential in credentials:
         minimum = _seconds(DEFAULT_MIN_LIFETIME[credential.kind] if min_lifetime is None else min_lifetime)
@@ -149,7 +149,8 @@ def _hint(error: StorageError) -> str:
     return ""
 
 
-def _probe_naming_missing(location: str | os.PathLike, deadline: float, credentials: list[Credential]) -> float:
+def _probe_naming_missing(location: str | os.PathLike, deadline: float, credentials: list[Credential],
+                          environ: Mapping[str, str] | None) -> float:
     """:func:`probe_store`; a storage that refuses to authenticate a process holding no
     credential at all is a ``missing`` credential, and said so."""
     try:
@@ -159,7 +160,16 @@ def _probe_naming_missing(location: str | os.PathLike, deadline: float, credenti
         if credentials or not isinstance(cause, StorageAuthenticationFailed) or "TLS" in str(cause):
             raise
         raise PreflightRefused(MISSING, f"{location} wants credentials and none was found (looked at "
-                                        f"{_WHERE[X509_PROXY]}; {_WHERE[BEARER_TOKEN]}): {cause}") from cause
+                                        f"{_WHERE[X509_PROXY]}; {_WHERE[BEARER_TOKEN]}){_condor_hint(BEARER_TOKEN, environ)}: "
+                                        f"{cause}") from cause
+
+
+def _condor_hint(kind: str, environ: Mapping[str, str] | None) -> str:
+    """HTCondor's tokens are where the XRootD client does not look: say which to name."""
+    files = condor_token_files(environ) if kind == BEARER_TOKEN else []
+    if not files:
+        return ""
+    return f"; HTCondor gave this job {', '.join(map(str, files))}: set BEARER_TOKEN_FILE to one of them"
 
 
 def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | None = None,
@@ -195,9 +205,9 @@ def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | 
                 logger.info("preflight: found %s", found.describe())
         if not credentials and not require:
             logger.info("preflight: no proxy or token found for %s; fine if the storage is anonymous", location)
-    warnings = check_credentials(credentials, min_lifetime, expected_duration, require)
+    warnings = check_credentials(credentials, min_lifetime, expected_duration, require, environ=environ)
     seconds = None
     if probe:
-        seconds = _probe_naming_missing(location, deadline, credentials)
+        seconds = _probe_naming_missing(location, deadline, credentials, environ)
         logger.info("preflight: %s takes commits (write, rename, replace, delete in %.2f s)", location, seconds)
     return PreflightReport(os.fspath(location), tuple(credentials), tuple(warnings), seconds)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from ckpt_tasks.jobenv.credentials import (BEARER_TOKEN, X509_PROXY, CredentialError, find_credentials,
-                                           find_proxy, find_token, read_proxy, token_credential)
+from ckpt_tasks.jobenv.credentials import (BEARER_TOKEN, X509_PROXY, CredentialError, condor_token_files,
+                                           find_credentials, find_proxy, find_token, read_proxy, token_credential)
 from xrootd_auth import write_secret
 
 UID = 4242  # a uid whose default files (/tmp/x509up_u4242, /tmp/bt_u4242) no one has
@@ -147,3 +147,12 @@ def test_nothing_shown_holds_the_content(token_issuer, proxy, tmp_path):
         for shown in (repr(credential), str(credential), repr(dataclasses.asdict(credential))):
             assert token not in shown and token.split(".")[2] not in shown
             assert not any(line in shown for line in key_lines)
+
+
+def test_htcondor_token_files(tmp_path):
+    (tmp_path / "scitokens.use").write_text("t")
+    (tmp_path / "scitokens.top").write_text("refresh token: not for the job")
+    assert condor_token_files({"_CONDOR_CREDS": str(tmp_path)}) == [tmp_path / "scitokens.use"]
+    assert condor_token_files({}) == []
+    # the XRootD client does not look there, so neither does find_token
+    assert find_token({"_CONDOR_CREDS": str(tmp_path)}, uid=UID) is None

@@ -69,6 +69,13 @@ def test_tokens_have_a_shorter_default_minimum_than_proxies():
         check_credentials([proxy_ending(dt.timedelta(minutes=20))], now=NOW)
 
 
+def test_a_missing_token_names_the_files_htcondor_gave_the_job(tmp_path):
+    """use_oauth_services puts tokens where the XRootD client does not look."""
+    (tmp_path / "scitokens.use").write_text("x")
+    with pytest.raises(PreflightRefused, match=r"scitokens\.use: set BEARER_TOKEN_FILE"):
+        check_credentials([], require=["token"], now=NOW, environ={"_CONDOR_CREDS": str(tmp_path)})
+
+
 def test_an_unknown_expiry_warns():
     opaque = Credential(BEARER_TOKEN, "BEARER_TOKEN", None, None)
     assert "cannot be checked" in check_credentials([opaque], now=NOW)[0]

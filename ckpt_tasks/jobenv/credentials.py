@@ -5,6 +5,8 @@ They are found where the XRootD client looks for them:
 - X.509 proxy: ``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``;
 - bearer token (the WLCG token discovery): ``$BEARER_TOKEN`` (the token itself), else the
   file ``$BEARER_TOKEN_FILE``, else ``$XDG_RUNTIME_DIR/bt_u<uid>``, else ``/tmp/bt_u<uid>``.
+  HTCondor's own token files (``$_CONDOR_CREDS/<service>.use``) are not among them;
+  :func:`condor_token_files` lists them so that a job can be told to name one.
 
 Lifetimes are read without external tools: the proxy's certificate chain with the
 ``cryptography`` package (the chain ends when its first certificate does), a token's
@@ -216,6 +218,16 @@ def _jwt_claims(token: str) -> dict:
     except (binascii.Error, ValueError):
         return {}
     return claims if isinstance(claims, dict) else {}
+
+
+def condor_token_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The tokens HTCondor gives a job submitted with ``use_oauth_services``
+    (``$_CONDOR_CREDS/<service>.use``, kept fresh by HTCondor). The XRootD client does not
+    look there: the job must point ``BEARER_TOKEN_FILE`` at one of them."""
+    directory = _environ(environ).get("_CONDOR_CREDS")
+    if not directory or not Path(directory).is_dir():
+        return []
+    return sorted(Path(directory).glob("*.use"))
 
 
 def find_credentials(environ: Mapping[str, str] | None = None, uid: int | None = None) -> list[Credential]:
