@@ -80,3 +80,24 @@ def test_a_host_name_not_in_the_certificate_is_refused(tls_server, test_pki):
     answer = _refused(client_env(test_pki, AUTH_TEST_DEADLINE=str(DEADLINE)), location)
     assert "127.0.0.2" in answer["message"]
     _at_once(answer)
+
+
+def test_cli_and_law_targets_over_roots(tls_server, test_pki):
+    """``ckpt-tasks ls`` and the law targets read a roots:// location like a root:// one."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    location = f"{tls_server.url}//runs/tools"
+    env = client_env(test_pki)
+    assert run_as(env, "save", location, "4")["ok"]
+    cli = shutil.which("ckpt-tasks") or "ckpt-tasks"
+    listed = subprocess.run([cli, "ls", location, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert [entry["step"] for entry in json.loads(listed.stdout)] == [4]
+    probe = ("import sys; from ckpt_tasks.storage.targets import XRootDFileTarget, checkpoints_target\n"
+             "print(XRootDFileTarget(sys.argv[1] + '/LATEST').exists(), checkpoints_target(sys.argv[1]).exists())")
+    targets = subprocess.run([sys.executable, "-c", probe, location], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert targets.stdout.split() == ["True", "True"], targets.stderr[-2000:]
