@@ -203,11 +203,17 @@ class LocationParameter(CheckedParameter, luigi.Parameter):
 def check_parameters(task_cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check every :class:`CheckedParameter` of ``task_cls`` in ``values``; return the checked values.
 
-    Every refused parameter is reported at once, each with its value and what it accepts;
-    see :func:`refuse` for how.
+    Also refused: an environment variable that ``task_cls.required_environment`` names and
+    that is not set (``os.path.expandvars`` would leave ``$NAME`` in a path, making a
+    directory of that name). Every refusal is reported at once, each with its value and
+    what is accepted; see :func:`refuse` for how.
     """
     params = dict(task_cls.get_params())
     checked, errors = dict(values), []
+    for variable in getattr(task_cls, "required_environment", ()):
+        if not os.environ.get(variable):
+            errors.append(f"${variable} is not set ({task_cls.get_task_family()} writes its outputs "
+                          "under it; setup.sh sets it)")
     for name, value in values.items():
         param = params.get(name)
         if not isinstance(param, CheckedParameter):

@@ -24,6 +24,10 @@ checkpoint (refusing one made with other parameters), trains, checkpoints every
 ``--checkpoint-every`` steps and ``--checkpoint-interval`` seconds, commits a last
 checkpoint and exits with code 85 on SIGTERM or SIGINT, and calls ``finish`` only
 when training is over, so the task is complete only then.
+
+Parameters are checked whenever the task is instantiated, before ``complete()`` is asked
+(``modify_param_values``, :mod:`ckpt_tasks.parameters`): under ``law run`` a bad value ends
+the command with exit code 2, naming the parameter and what it accepts.
 """
 from __future__ import annotations
 
@@ -182,6 +186,8 @@ class CheckpointedTask(law.Task):
 
     #: parameters a resumed training may change (e.g. the number of epochs, to train longer)
     fingerprint_exclude: tuple[str, ...] = ()
+    #: environment variables the task's outputs need; unset ones are refused before any work
+    required_environment: tuple[str, ...] = ()
 
     exclude_index = True  # a base class: law index lists only runnable tasks
     exclude_params_index = {"store", "checkpoint_every", "checkpoint_interval", "checkpoint_exit_interval",

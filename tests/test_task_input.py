@@ -97,6 +97,14 @@ def test_an_unset_variable_in_the_store_is_refused(tmp_path, places):
     assert_refused(result, "$CKPT_TASKS_UNSET_FOR_TEST", *places)
 
 
+def test_an_unset_data_directory_is_refused(places):
+    cwd, data = places
+    env = {k: v for k, v in law_env(data).items() if k != "CKPT_TASKS_DATA"}
+    result = subprocess.run([LAW, "run", "TrainTask", "--branch", "0", "--epochs", "1", "--store", str(data)],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert_refused(result, "$CKPT_TASKS_DATA is not set", cwd, data)  # no "$CKPT_TASKS_DATA" directory
+
+
 def test_a_bad_count_in_law_cfg_is_refused(tmp_path, places):
     config = config_with(tmp_path, "[ckpt_tasks]\nstore: $CKPT_TASKS_DATA/checkpoints\n\n"
                                    "[luigi_TrainTask]\nbatch_size: 0\n")

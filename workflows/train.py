@@ -75,6 +75,7 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
 
     # More epochs continue the same training from its checkpoint.
     fingerprint_exclude = ("epochs",)
+    required_environment = ("CKPT_TASKS_DATA",)  # output() writes there
 
     def create_branch_map(self):
         return dict(enumerate(GRID))
