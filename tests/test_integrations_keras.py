@@ -122,14 +122,22 @@ def _data():
 
 
 def test_seed_signature_backs_up_each_epoch_and_resumes_at_the_next_epoch(tmp_path):
+    import keras
+
     from ckpt_tasks.integrations.keras import KerasCheckpointerCallback
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt  # the job dies before its third epoch: no on_train_end
 
     x, y = _data()
     target = tmp_path / "persistent" / "backup.tar.gz"
     kwargs = dict(checkpoint_transfer_mode="shared", checkpoint_transfer_target=target)
     model = _model()
-    model.fit(x, y, epochs=2, batch_size=64, verbose=0,
-              callbacks=[KerasCheckpointerCallback(tmp_path / "backup", save_freq="epoch", **kwargs)])
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=3, batch_size=64, verbose=0,
+                  callbacks=[KerasCheckpointerCallback(tmp_path / "backup", save_freq="epoch", **kwargs), Crash()])
     assert target.exists()
     weights = [np.array(w) for w in model.get_weights()]
 

@@ -26,20 +26,21 @@ continues at the next batch; nothing is trained twice.
 
 Seed mode (the seed's signature)::
 
-    callback = KerasCheckpointerCallback("backup_dir", save_freq="epoch",
+    callback = KerasCheckpointerCallback("checkpoint", save_freq="epoch",
                                          checkpoint_transfer_mode="shared", checkpoint_transfer_target=...)
 
-keeps the checkpoint in the directory ``local_checkpoint_file``, packed into
-``<local_checkpoint_file>.tar.gz`` for the seed's transfer modes.
+keeps the checkpoint in the directory ``local_checkpoint_file`` as the seed does:
+``<local_checkpoint_file>/checkpoint.zip`` is the file written and transferred (see
+:mod:`ckpt_tasks.integrations.keras_backup`), a completed fit deletes the backup, and
+a backup of the seed's (Keras' ``BackupAndRestore`` files) is resumed.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import random
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ import keras  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
 from ckpt_tasks.integrations import FrameworkCheckpointer, open_store
+from ckpt_tasks.integrations import keras_backup
+from ckpt_tasks.integrations.keras_random import capture_random_state, restore_random_state
 from ckpt_tasks.transfer import StoreTransfer
 
 logger = logging.getLogger(__name__)
@@ -59,73 +62,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["KerasCheckpointerCallback", "capture_random_state", "restore_random_state"]
 
 FORMAT = 1
-STATE_FILE = "keras_state.npz"
-
-
-# -- random generators as plain arrays ---------------------------------------------------------------
-
-def capture_random_state() -> dict[str, np.ndarray]:
-    """Python, NumPy, torch (CPU, CUDA) and Keras' global seed generator, as numeric arrays."""
-    version, internal, gauss = random.getstate()
-    state = {
-        "python/internal": np.asarray(internal, dtype=np.int64),
-        "python/version": np.asarray(version),
-        "python/gauss": np.asarray(np.nan if gauss is None else gauss, dtype=np.float64),
-    }
-    numpy_state = np.random.get_state(legacy=False)
-    if numpy_state["bit_generator"] != "MT19937":
-        raise ValueError(f"unsupported NumPy bit generator {numpy_state['bit_generator']}")
-    state.update({
-        "numpy/key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
-        "numpy/pos": np.asarray(numpy_state["state"]["pos"]),
-        "numpy/has_gauss": np.asarray(numpy_state["has_gauss"]),
-        "numpy/gauss": np.asarray(numpy_state["gauss"], dtype=np.float64),
-    })
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is not None:
-        state["torch/cpu"] = torch.get_rng_state().numpy().copy()
-        if torch.cuda.is_available():
-            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                state[f"torch/cuda/{index}"] = cuda_state.numpy().copy()
-    generator = _keras_global_seed_generator()
-    if generator is not None:
-        state["keras/global_seed"] = np.asarray(keras.ops.convert_to_numpy(generator.state.value))
-    return state
-
-
-def restore_random_state(state: dict[str, np.ndarray]) -> None:
-    gauss = float(state["python/gauss"])
-    random.setstate((int(state["python/version"]), tuple(int(x) for x in state["python/internal"]),
-                     None if np.isnan(gauss) else gauss))
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": state["numpy/key"], "pos": int(state["numpy/pos"])},
-                         "has_gauss": int(state["numpy/has_gauss"]), "gauss": float(state["numpy/gauss"])})
-    if "torch/cpu" in state:
-        import torch
-
-        torch.set_rng_state(torch.from_numpy(np.array(state["torch/cpu"], dtype=np.uint8)))
-        cuda = sorted((k for k in state if k.startswith("torch/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
-        if cuda:
-            if torch.cuda.device_count() != len(cuda):
-                raise RuntimeError(f"the checkpoint holds {len(cuda)} CUDA RNG states, this machine has "
-                                   f"{torch.cuda.device_count()} devices")
-            torch.cuda.set_rng_state_all([torch.from_numpy(np.array(state[k], dtype=np.uint8)) for k in cuda])
-    generator = _keras_global_seed_generator()
-    if generator is not None and "keras/global_seed" in state:
-        generator.state.assign(state["keras/global_seed"])
-
-
-def _keras_global_seed_generator():
-    # Only an existing one: creating it would draw from Python's generator.
-    try:
-        from keras.src.backend.common import global_state
-
-        return global_state.get_global_attribute("global_seed_generator")
-    except Exception:  # a Keras without it
-        return None
+STATE_FILE = keras_backup.STATE_FILE
+#: the value a completed fit checkpoints in seed mode: "nothing to resume"
+_COMPLETED = object()
+#: modes whose stored copy outlives the job, so a completed fit must overwrite it
+_STORING_MODES = ("shared", "xrootd", "manual")
 
 
 # -- the callback ---------------------------------------------------------------------------------------
@@ -134,8 +75,9 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
     """Checkpoint a Keras training into a CheckpointStore (``store=``) or the seed's way.
 
     Args:
-        local_checkpoint_file: seed mode: the backup directory (packed into
-            ``<it>.tar.gz`` for the transfer).
+        local_checkpoint_file: seed mode: the backup directory; its ``checkpoint.zip`` is the
+            file transferred (list the directory in ``transfer_checkpoint_files`` in
+            ``htcondor`` mode, as for the seed).
         save_freq: ``"epoch"``: checkpoint at every epoch end; an integer N: every N batches.
             A signal is honoured at the next batch end either way.
         store: new mode: a path, ``file://`` or ``root://host:port//path``, or a CheckpointStore.
@@ -145,6 +87,11 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
         checkpoint_exit_code: exit code after SIGTERM/SIGINT (default 85).
         hard_exit: leave with ``os._exit`` (for luigi/law tasks).
         **checkpointer_kwargs: seed mode: the Checkpointer's transfer arguments.
+
+    Seed-mode attributes, with the seed's meaning: ``backup_dir`` (as given),
+    ``zip_file`` (``"<backup_dir>/checkpoint.zip"``), ``local_parent_dir`` (the directory
+    the backup directory is in) and ``delete_checkpoint`` (True: a completed fit deletes
+    the backup, locally and, by overwriting it with a "completed" marker, on the storage).
     """
 
     def __init__(self, local_checkpoint_file: str | os.PathLike | None = None, save_freq: str | int = "epoch",
@@ -183,10 +130,13 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
                 raise TypeError("KerasCheckpointerCallback needs local_checkpoint_file (seed mode) or store=")
             self.store = None
             self.transfer = None
-            self.backup_dir = Path(local_checkpoint_file)
-            archive = self.backup_dir.with_name(self.backup_dir.name + ".tar.gz")
-            self.checkpointer = FrameworkCheckpointer(archive, self._write_archive, self._read_archive,
-                                                      **common, **checkpointer_kwargs)
+            self.backup_dir = local_checkpoint_file
+            self._backup_path = Path(local_checkpoint_file)
+            self.zip_file = f"{local_checkpoint_file}/{keras_backup.ARCHIVE_NAME}"
+            self.local_parent_dir = os.path.dirname(local_checkpoint_file)
+            self.delete_checkpoint = True
+            self.checkpointer = FrameworkCheckpointer(Path(self.zip_file), self._write_archive,
+                                                      self._read_archive, **common, **checkpointer_kwargs)
 
     # -- checkpoint contents ----------------------------------------------------------------------
 
@@ -225,29 +175,26 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
         with open(path, "wb") as handle:
             np.savez(handle, **self._arrays())
 
-    def _read_npz(self, path: Path) -> dict[str, Any]:
+    def _read_npz(self, path: Path | io.BytesIO) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as data:  # numbers and strings only, never code
             arrays = {key: data[key] for key in data.files}
         meta = json.loads(str(arrays.pop("meta")))
         if meta.get("format") != FORMAT:
             raise ValueError(f"unknown Keras checkpoint format {meta.get('format')!r}")
-        return {"meta": meta, "arrays": arrays}
+        return {"kind": "state", "meta": meta, "arrays": arrays}
 
-    def _write_archive(self, path: Path, _value: Any) -> None:
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
-        self._write_npz(self.backup_dir / STATE_FILE, None)
-        with tarfile.open(path, "w:gz") as archive:
-            archive.add(self.backup_dir / STATE_FILE, arcname=STATE_FILE)
+    def _write_archive(self, path: Path, value: Any) -> None:
+        name = self._backup_path.absolute().name
+        if value is _COMPLETED:
+            keras_backup.write_completed_archive(path, name)
+        else:
+            keras_backup.write_state_archive(path, name, lambda handle: np.savez(handle, **self._arrays()))
 
     def _read_archive(self, path: Path) -> dict[str, Any]:
-        with tarfile.open(path, "r:gz") as archive:
-            member = archive.getmember(STATE_FILE)
-            if not member.isfile():
-                raise ValueError(f"{path}: {STATE_FILE} is not a regular file")
-            data = archive.extractfile(member).read()
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
-        (self.backup_dir / STATE_FILE).write_bytes(data)
-        return self._read_npz(self.backup_dir / STATE_FILE)
+        backup = keras_backup.read_backup(path, self._backup_path)
+        if backup.kind == "state":
+            return self._read_npz(io.BytesIO(backup.state))
+        return {"kind": backup.kind}
 
     def _apply_variables(self, checkpoint: dict[str, Any]) -> None:
         meta, arrays = checkpoint["meta"], checkpoint["arrays"]
@@ -277,20 +224,43 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if getattr(self.model, "steps_per_execution", 1) not in (1, None):
             raise ValueError("KerasCheckpointerCallback needs steps_per_execution=1 to resume at a batch")
-        checkpoint = self.checkpointer.restore(None)
+        # A second fit with the same callback starts where its own restore says.
+        self._epoch, self._batches_done, self._skip, self._resume = 0, 0, 0, None
+        self._last_logs, self._epoch_rng = {}, None
+        checkpoint = self._restore()
         self.checkpointer.checkpoint_value = self.model  # what a stop saves (restore() reset it)
-        if checkpoint is not None:
+        if checkpoint is not None and checkpoint["kind"] == "state":
             self._apply_variables(checkpoint)
             meta = checkpoint["meta"]
             self._resume = checkpoint
             self.model._initial_epoch = meta["epoch"]  # what Keras' own BackupAndRestore sets
             self._skip = meta["batch"]
             where = self.store.location if self.store is not None else self.checkpointer.local_checkpoint_file
-            print(f"resuming from step {meta['step']} (epoch {meta['epoch']}, batch {meta['batch']}) "
-                  f"of {where}", flush=True)
+            logger.info("resuming from step %s (epoch %s, batch %s) of %s",
+                        meta["step"], meta["epoch"], meta["batch"], where)
+        elif checkpoint is not None and checkpoint["kind"] == "keras":
+            self._epoch = keras_backup.load_keras_backup(self.model, self._backup_path)
         self._original_train_function = self.model.train_function
         self.model.train_function = self._train_function
         self.checkpointer.install_signal_handlers()
+
+    def _restore(self) -> dict[str, Any] | None:
+        if self.store is not None:
+            return self.checkpointer.restore(None)
+        # The seed's layout: the archive lives in the backup directory, which a completed
+        # fit deleted; the retrieved copy is swapped in there.
+        self._backup_path.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.checkpointer.restore(None)
+        if checkpoint is None and keras_backup.has_keras_backup(self._backup_path):
+            return {"kind": "keras"}  # the seed's callback stopped before packing it
+        if checkpoint is not None and checkpoint["kind"] == "completed":
+            logger.info("%s is the backup of a completed training: training from the start", self.zip_file)
+            return None
+        return checkpoint
+
+    def backup(self) -> None:
+        """Write and transfer a checkpoint now (the seed's ``backup()``)."""
+        self.checkpointer.write_and_transfer(self.model)
 
     def _train_function(self, data):
         if self._skip <= 0:
@@ -358,6 +328,19 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
             self._original_train_function = None
         self.checkpointer.stop_if_requested()
         self.checkpointer.close()
+        if self.store is None and self.delete_checkpoint:
+            self._delete_backup()
+
+    def _delete_backup(self) -> None:
+        # As the seed's BackupAndRestore(delete_checkpoint=True): a completed fit leaves no
+        # backup, so the next run trains from the start. The stored copy cannot be deleted
+        # in every mode (manual), so it is overwritten with a "completed" marker.
+        if self.checkpointer.checkpoint_transfer_mode in _STORING_MODES:
+            self.checkpointer.checkpoint(_COMPLETED)
+            self.checkpointer.transfer_checkpoint_files()
+        self.checkpointer.checkpoint_value = None
+        shutil.rmtree(self._backup_path, ignore_errors=True)
+        logger.info("training completed: deleted the backup %s", self.backup_dir)
 
     def __del__(self):
         workdir = getattr(self, "_workdir", None)
