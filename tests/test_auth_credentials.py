@@ -10,7 +10,9 @@ import pytest
 
 from ckpt_tasks.jobenv.credentials import (BEARER_TOKEN, X509_PROXY, CredentialError, condor_token_files,
                                            find_credentials, find_proxy, find_token, read_proxy, token_credential)
+from conftest import unavailable
 from xrootd_auth import write_secret
+from xrootd_server import ServerUnavailable
 
 UID = 4242  # a uid whose default files (/tmp/x509up_u4242, /tmp/bt_u4242) no one has
 
@@ -51,6 +53,29 @@ def test_proxy_made_by_xrdgsiproxy(test_pki, alice, tmp_path):
     credential = read_proxy(made)
     assert close_to(credential.expires, dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=45))
     assert credential.identity == alice.subject
+
+
+@pytest.fixture
+def voms_proxy(test_pki, alice, tmp_path):
+    try:
+        return test_pki.voms_proxy(alice, tmp_path / "x509up_voms", hours=12, voms_hours=2)
+    except ServerUnavailable as error:
+        unavailable(str(error))
+
+
+def test_a_voms_proxy_ends_with_its_attributes(voms_proxy, alice):
+    """A VOMS proxy of 12 h whose VO attributes last 2 h: storage that authorizes by VO
+    refuses after 2 h, so that is its lifetime."""
+    now = dt.datetime.now(dt.timezone.utc)
+    credential = read_proxy(voms_proxy)
+    assert close_to(credential.voms_expires, now + dt.timedelta(hours=2))
+    assert credential.expires == credential.voms_expires
+    assert "VOMS attributes end first" in str(credential)
+    assert credential.identity == alice.subject
+
+
+def test_a_plain_proxy_has_no_voms_end(proxy):
+    assert read_proxy(proxy).voms_expires is None
 
 
 def test_expired_proxy(test_pki, alice, tmp_path):

@@ -95,6 +95,21 @@ def test_a_missing_required_proxy_named_by_its_variable(tmp_path):
     assert refused.value.reason == MISSING and "X509_USER_PROXY" in str(refused.value)
 
 
+def test_voms_attributes_shorter_than_the_minimum_are_refused(test_pki, tmp_path):
+    """A 12-hour VOMS proxy whose VO attributes last 2 hours is too short for a 3-hour minimum."""
+    from conftest import unavailable
+    from xrootd_server import ServerUnavailable
+
+    try:
+        proxy = test_pki.voms_proxy(test_pki.user("pre-voms"), tmp_path / "x509up", hours=12, voms_hours=2)
+    except ServerUnavailable as error:
+        unavailable(str(error))
+    with pytest.raises(PreflightRefused) as refused:
+        preflight(tmp_path / "store", min_lifetime=3 * HOUR, require=["x509"],
+                  environ={"X509_USER_PROXY": str(proxy)})
+    assert refused.value.reason == TOO_SHORT and "VOMS attributes end first" in str(refused.value)
+
+
 @pytest.fixture(scope="module")
 def gsi(make_auth_server, test_pki, tmp_path_factory):
     alice, bob = test_pki.user("pre-alice"), test_pki.user("pre-bob")

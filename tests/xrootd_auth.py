@@ -179,6 +179,24 @@ class TestPKI:
                          + identity.cert.read_bytes())
         return path
 
+    def voms_proxy(self, identity: Identity, path: str | os.PathLike, vo: str = "testvo", hours: int = 12,
+                   voms_hours: int = 2) -> Path:
+        """A VOMS proxy made by ``voms-proxy-fake`` (no VOMS server): a proxy of ``hours``
+        whose attribute certificate for ``vo``, signed by a host certificate of this CA,
+        lasts ``voms_hours``."""
+        if shutil.which("voms-proxy-fake") is None:
+            raise ServerUnavailable("voms-proxy-fake is not installed (apt-get install voms-clients)")
+        voms_cert, voms_key = self.host(f"voms.{vo}.test")
+        result = subprocess.run(
+            ["voms-proxy-fake", "-rfc", "-cert", str(identity.cert), "-key", str(identity.key),
+             "-certdir", str(self.cert_dir), "-hostcert", str(voms_cert), "-hostkey", str(voms_key),
+             "-voms", vo, "-fqan", f"/{vo}/Role=NULL/Capability=NULL", "-uri", f"voms.{vo}.test:15000",
+             "-hours", str(hours), "-vomslife", str(voms_hours), "-out", str(path), "-q"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0 or not Path(path).is_file():
+            raise ServerUnavailable(f"voms-proxy-fake failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+        return Path(path)
+
     def xrdgsiproxy(self, identity: Identity, path: str | os.PathLike, valid: str = "1:00") -> Path:
         """A proxy made by ``xrdgsiproxy`` (the tool users run), valid for ``valid`` (h:mm)."""
         if shutil.which("xrdgsiproxy") is None:

@@ -52,6 +52,9 @@ class Credential:
     expires: dt.datetime | None
     #: whose it is, as far as that is no secret: the proxy's subject, the token's issuer
     identity: str | None = None
+    #: for a VOMS proxy, when its VO attributes end (storage that authorizes by VO refuses
+    #: after that even while the proxy is valid); ``expires`` is then the earlier of the two
+    voms_expires: dt.datetime | None = None
 
     def remaining(self, now: dt.datetime | None = None) -> dt.timedelta | None:
         """The lifetime left (negative once expired); None when the expiry is unknown."""
@@ -73,6 +76,8 @@ class Credential:
         if remaining is None:
             return text + ", expiry unknown"
         when = self.expires.strftime("%Y-%m-%d %H:%M:%S UTC")
+        if self.voms_expires is not None and self.voms_expires <= self.expires:
+            text += ", whose VOMS attributes end first"
         if remaining <= dt.timedelta(0):
             return text + f", expired at {when} ({_duration(-remaining)} ago)"
         return text + f", expires at {when} (in {_duration(remaining)})"
@@ -132,9 +137,60 @@ def read_proxy(path: str | os.PathLike, source: str = "file") -> Credential:
     except ValueError:
         # the parser's message is generic; never pass on anything of the file's content
         raise CredentialError(f"{path} holds no PEM certificate: not an x509 proxy") from None
-    first = min(chain, key=lambda cert: cert.not_valid_after_utc)
-    return Credential(X509_PROXY, source, path, first.not_valid_after_utc,
-                      identity=_end_entity_subject(chain))
+    expires = min(cert.not_valid_after_utc for cert in chain)
+    voms_ends = [end for cert in chain for end in _voms_ends(cert)]
+    voms_expires = min(voms_ends) if voms_ends else None
+    return Credential(X509_PROXY, source, path, min(expires, voms_expires or expires),
+                      identity=_end_entity_subject(chain), voms_expires=voms_expires)
+
+
+#: the VOMS attribute certificates a VOMS proxy carries (an RFC 5755 AC sequence)
+_VOMS_ACS_DOTTED = "1.3.6.1.4.1.8005.100.100.5"
+_SEQUENCE, _GENERALIZED_TIME = 0x30, 0x18
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, content) of the DER elements that follow each other in ``data``."""
+    items, offset = [], 0
+    while offset + 2 <= len(data):
+        tag, length = data[offset], data[offset + 1]
+        offset += 2
+        if length & 0x80:  # long form: the next (length & 0x7f) bytes hold the length
+            count = length & 0x7F
+            length = int.from_bytes(data[offset:offset + count], "big")
+            offset += count
+        items.append((tag, data[offset:offset + length]))
+        offset += length
+    return items
+
+
+def _sequences(data: bytes) -> list[bytes]:
+    return [content for tag, content in _der_items(data) if tag == _SEQUENCE]
+
+
+def _voms_ends(cert) -> list[dt.datetime]:
+    """When each VOMS attribute certificate in ``cert`` ends. The extension holds
+    SEQUENCE { SEQUENCE OF AttributeCertificate ... }; an AC's first field is its
+    AttributeCertificateInfo, whose attrCertValidityPeriod is the one field that is a
+    sequence of two GeneralizedTimes."""
+    from cryptography import x509
+
+    try:
+        extension = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(_VOMS_ACS_DOTTED))
+    except x509.ExtensionNotFound:
+        return []
+    ends = []
+    for outer in _sequences(extension.value.value):
+        for ac_sequence in _sequences(outer):
+            for ac in _sequences(ac_sequence):
+                info = _sequences(ac)[:1]
+                for field in _sequences(info[0]) if info else []:
+                    times = _der_items(field)
+                    if len(times) == 2 and all(tag == _GENERALIZED_TIME for tag, _ in times):
+                        ends.append(dt.datetime.strptime(times[1][1].decode("ascii"), "%Y%m%d%H%M%SZ")
+                                    .replace(tzinfo=dt.timezone.utc))
+                        break
+    return ends
 
 
 #: id-pe-proxyCertInfo (RFC 3820): marks a proxy certificate
