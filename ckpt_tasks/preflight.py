@@ -72,8 +72,9 @@ def check_credentials(credentials: Iterable[Credential], min_lifetime: dt.timede
                       now: dt.datetime | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
     """Refuse when a ``require``-d kind is missing, or when any credential is expired or has
     less than ``min_lifetime`` left (None: :data:`DEFAULT_MIN_LIFETIME` of its kind); return
-    warnings (ends before ``expected_duration``, expiry unknown). Every credential found is checked: a stale proxy next to a good token
-    is refused too, naming the file, since the client may well pick it."""
+    warnings (ends before ``expected_duration``, expiry unknown). Every credential found is
+    checked: a stale proxy next to a good token is refused too, naming the file, since the
+    client may well pick it. ``environ`` is where HTCondor's token files are looked for."""
     now = now or dt.datetime.now(dt.timezone.utc)
     credentials = list(credentials)
     for name in require:
@@ -81,7 +82,8 @@ def check_credentials(credentials: Iterable[Credential], min_lifetime: dt.timede
         if kind is None:
             raise ValueError(f"require={name!r}: expected one of {sorted(KINDS)}")
         if not any(credential.kind == kind for credential in credentials):
-            raise PreflightRefused(MISSING, f"no {kind} found (looked at {_WHERE[kind]}){_condor_hint(kind, environ)}")
+            raise PreflightRefused(MISSING, f"no {kind} found (looked at {_WHERE[kind]})"
+                                            f"{_condor_hint(kind, environ)}")
     warnings = []
     for credential in credentials:
         minimum = _seconds(DEFAULT_MIN_LIFETIME[credential.kind] if min_lifetime is None else min_lifetime)
@@ -159,9 +161,9 @@ def _probe_naming_missing(location: str | os.PathLike, deadline: float, credenti
         cause = refused.__cause__
         if credentials or not isinstance(cause, StorageAuthenticationFailed) or "TLS" in str(cause):
             raise
-        raise PreflightRefused(MISSING, f"{location} wants credentials and none was found (looked at "
-                                        f"{_WHERE[X509_PROXY]}; {_WHERE[BEARER_TOKEN]}){_condor_hint(BEARER_TOKEN, environ)}: "
-                                        f"{cause}") from cause
+        looked = f"{_WHERE[X509_PROXY]}; {_WHERE[BEARER_TOKEN]}"
+        raise PreflightRefused(MISSING, f"{location} wants credentials and none was found (looked at {looked})"
+                                        f"{_condor_hint(BEARER_TOKEN, environ)}: {cause}") from cause
 
 
 def _condor_hint(kind: str, environ: Mapping[str, str] | None) -> str:

@@ -22,7 +22,8 @@ def gsi(request, make_auth_server, test_pki):
 def secrets_of(proxy_text: str, token: str) -> list[str]:
     """What must never appear: every line of the proxy's private key, the PEM marker of a key,
     the token and its signature."""
-    key = proxy_text[proxy_text.index("-----BEGIN RSA PRIVATE KEY-----"):proxy_text.index("-----END RSA PRIVATE KEY-----")]
+    begin, end = "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----"
+    key = proxy_text[proxy_text.index(begin):proxy_text.index(end)]
     key_lines = [line for line in key.splitlines()[1:] if len(line) > 20]
     assert len(key_lines) > 10
     return [*key_lines, "PRIVATE KEY", token, token.rsplit(".", 1)[1]]
