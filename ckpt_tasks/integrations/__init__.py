@@ -81,7 +81,7 @@ class FrameworkCheckpointer(Checkpointer):
     def _exit(self, code: int) -> None:
         self.close()
         if self._hard_exit:
-            exit_process(code)
+            exit_process(code, hard=True)
         sys.exit(code)
 
     # -- what the callbacks call ----------------------------------------------------------------
