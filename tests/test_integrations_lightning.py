@@ -179,7 +179,7 @@ def test_seed_signature_checkpoints_each_epoch_and_restore_gives_the_ckpt_path(t
 
     second = LightningCheckpointerCallback(**kwargs)
     path = second.restore()
-    assert path == str(tmp_path / "local.ckpt")
+    assert path == tmp_path / "local.ckpt"  # a Path, as the seed's restore() returns
     trainer = _fit(second, max_epochs=3, ckpt_path=path)
     assert trainer.global_step == 15  # 2 epochs restored, 1 trained
 

@@ -202,3 +202,93 @@ def test_keras_seed_script_in_htcondor_mode_with_the_seeds_submit_file(tmp_path)
     started = [int(line.split()[1]) for line in second.lines if line.startswith("epoch ") and "began" in line]
     assert started[0] >= 2 and started[-1] == 3, second.output[-3000:]
     assert not (second_sandbox / "checkpoint").exists()  # completed: the backup is gone
+
+
+# -- Lightning ------------------------------------------------------------------------------------
+
+def test_lightning_seed_script_with_pytorch_lightning_stops_with_85_and_resumes(tmp_path):
+    """The seed's example imports pytorch_lightning (not lightning.pytorch); a SIGTERM in the
+    first epoch, before any epoch-end checkpoint, still saves one: on_fit_start gave the
+    Checkpointer the trainer."""
+    first = Script("seed_lightning_script.py", "3", "0.2", cwd=tmp_path)
+    assert first.wait_for(r"^restored (\w+) ").group(1) == "NoneType"
+    first.wait_for(r"^epoch 0 batch 2 ")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish() == 85, first.output[-3000:]
+    import torch
+
+    stopped = torch.load(tmp_path / "trainer_checkpoint.ckpt", weights_only=False)["global_step"]
+    assert 3 <= stopped < 6  # committed at the end of the batch the signal came in
+
+    second = Script("seed_lightning_script.py", "3", "0", cwd=tmp_path)
+    assert second.finish() == 0, second.output[-3000:]
+    assert "restored PosixPath trainer_checkpoint.ckpt" in second.output  # the seed's restore: a Path
+    steps = [int(line.rsplit(" ", 1)[1]) for line in second.lines if line.startswith("epoch ")]
+    assert steps[0] == stopped and steps[-1] == 17, second.output[-3000:]  # 3 epochs of 6 batches
+    assert "done after 18 steps" in second.output
+
+
+def _lightning_fit(callback, max_epochs: int, ckpt_path=None, extra=()):
+    import pytorch_lightning as ptl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    ptl.seed_everything(0)
+    data = DataLoader(TensorDataset(torch.randn(12, 4), torch.randn(12, 1)), batch_size=4)
+    trainer = ptl.Trainer(max_epochs=max_epochs, callbacks=[callback, *extra], accelerator="cpu", logger=False,
+                          enable_checkpointing=bool(extra), enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_lightning_restore_returns_a_path_as_the_seeds(tmp_path):
+    from ckpt_tasks.integrations.lightning import LightningCheckpointerCallback
+
+    local = tmp_path / "last.ckpt"
+    _lightning_fit(LightningCheckpointerCallback(local_checkpoint_file=local), max_epochs=1)
+    restored = LightningCheckpointerCallback(local_checkpoint_file=str(local)).restore()
+    assert isinstance(restored, Path) and restored == local
+    assert LightningCheckpointerCallback(local_checkpoint_file=tmp_path / "none.ckpt").restore() is None
+    store = tmp_path / "store"
+    _lightning_fit(LightningCheckpointerCallback(store=store, checkpoint_every=1), max_epochs=1)
+    assert isinstance(LightningCheckpointerCallback(store=store).restore(), Path)
+
+
+def test_lightning_on_save_checkpoint_transfers_the_local_checkpoint(tmp_path):
+    """The seed transfers local_checkpoint_file whenever Lightning saves a checkpoint, also one
+    that another callback (here ModelCheckpoint) asks for."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ckpt_tasks.integrations.lightning import LightningCheckpointerCallback
+
+    transferred = []
+
+    def copy(source, destination):
+        transferred.append((Path(source), Path(destination).name))
+        if Path(source).exists():
+            shutil.copy(source, destination)
+        elif source == "stored.ckpt":
+            raise FileNotFoundError(source)
+
+    callback = LightningCheckpointerCallback(local_checkpoint_file=tmp_path / "last.ckpt", checkpoint_every=100,
+                                             checkpoint_transfer_mode="manual",
+                                             checkpoint_transfer_target=tmp_path / "stored.ckpt",
+                                             checkpoint_transfer_callback=copy,
+                                             checkpoint_transfer_callback_kwargs={})
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "models", every_n_epochs=1, save_top_k=-1)
+    _lightning_fit(callback, max_epochs=3, extra=[every_epoch])
+    stores = [t for t in transferred if t == (tmp_path / "last.ckpt", "stored.ckpt")]
+    # the Checkpointer's own (epoch 0 end; checkpoint_every=100) and one per later ModelCheckpoint save
+    assert len(stores) >= 3, transferred
+    assert len(list((tmp_path / "models").iterdir())) == 3

@@ -83,7 +83,7 @@ class LightningCheckpointerCallback(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._pending_rng = None
         self._restore_called = False
-        self._restored_path: str | None = None
+        self._restored_path: Path | None = None
         self.store = None
         if store is not None:
             if "local_checkpoint_file" in checkpointer_kwargs or "checkpoint_transfer_mode" in checkpointer_kwargs:
@@ -122,8 +122,8 @@ class LightningCheckpointerCallback(pl.Callback):
         trainer.save_checkpoint(path, weights_only=False)
 
     @staticmethod
-    def _load(path: Path) -> str:
-        return str(path)  # Lightning loads it: trainer.fit(..., ckpt_path=<this>)
+    def _load(path: Path) -> Path:
+        return Path(path)  # Lightning loads it: trainer.fit(..., ckpt_path=<this>), a Path as the seed's
 
     def _step(self) -> int:
         return int(self._trainer.global_step) if self._trainer is not None else 0
@@ -149,7 +149,7 @@ class LightningCheckpointerCallback(pl.Callback):
 
     # -- the seed's API ---------------------------------------------------------------------------
 
-    def restore(self) -> str | None:
+    def restore(self) -> Path | None:
         """The local path of the newest checkpoint, for ``trainer.fit(..., ckpt_path=)``; None if none.
 
         Raises when the storage does not answer (never taken for "no checkpoint"), and
@@ -201,6 +201,15 @@ class LightningCheckpointerCallback(pl.Callback):
             self.checkpointer.step(trainer)  # commits when due; honours a recorded signal
         else:
             self.checkpointer.stop_if_requested()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # The seed transfers local_checkpoint_file whenever Lightning saves a checkpoint (also one
+        # another callback asks for). During the callback's own save the file is moved aside, so
+        # this is a no-op then. With a stop pending, the stop's own commit comes at the next batch
+        # end: not in the middle of Lightning's save.
+        if self.store is None and not self.checkpointer.stop_requested:
+            self.checkpointer.transfer_checkpoint_files()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.store is None:
