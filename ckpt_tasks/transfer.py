@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Callable, Protocol
 
 from ckpt_tasks.errors import CkptTasksError
 from ckpt_tasks.fingerprint import check_fingerprint, parameter_fingerprint
+from ckpt_tasks.jobenv import sandbox_dir
 from ckpt_tasks.jobenv.htcondor import JobAd
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.storage.commit import publish_file
@@ -54,7 +55,7 @@ class HTCondorSpool(LocalOnly):
     def __init__(self, job_ad: JobAd, local: Path):
         self.files = job_ad.transfer_checkpoint_files
         self.exit_code = job_ad.checkpoint_exit_code
-        sandbox = Path(os.environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd()).absolute()
+        sandbox = sandbox_dir()
         try:
             relative = local.absolute().relative_to(sandbox)
         except ValueError:
