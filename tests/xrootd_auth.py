@@ -180,10 +180,10 @@ class TestPKI:
         return path
 
     def voms_proxy(self, identity: Identity, path: str | os.PathLike, vo: str = "testvo", hours: int = 12,
-                   voms_hours: int = 2) -> Path:
+                   voms_hours: int = 2, voms_started: str | None = None) -> Path:
         """A VOMS proxy made by ``voms-proxy-fake`` (no VOMS server): a proxy of ``hours``
         whose attribute certificate for ``vo``, signed by a host certificate of this CA,
-        lasts ``voms_hours``."""
+        lasts ``voms_hours`` from ``voms_started`` ago (``"h:mm"``; default now)."""
         if shutil.which("voms-proxy-fake") is None:
             raise ServerUnavailable("voms-proxy-fake is not installed (apt-get install voms-clients)")
         voms_cert, voms_key = self.host(f"voms.{vo}.test")
@@ -191,7 +191,8 @@ class TestPKI:
             ["voms-proxy-fake", "-rfc", "-cert", str(identity.cert), "-key", str(identity.key),
              "-certdir", str(self.cert_dir), "-hostcert", str(voms_cert), "-hostkey", str(voms_key),
              "-voms", vo, "-fqan", f"/{vo}/Role=NULL/Capability=NULL", "-uri", f"voms.{vo}.test:15000",
-             "-hours", str(hours), "-vomslife", str(voms_hours), "-out", str(path), "-q"],
+             "-hours", str(hours), "-vomslife", str(voms_hours), "-out", str(path), "-q",
+             *(["-pastac", voms_started] if voms_started else [])],
             capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0 or not Path(path).is_file():
             raise ServerUnavailable(f"voms-proxy-fake failed ({result.returncode}): {result.stderr.strip()[-500:]}")
@@ -223,17 +224,19 @@ class AuthXRootDServer(XRootDServer):
         gridmap: for ``gsi``, certificate subject -> user name (what ``u`` lines in ``authdb`` match).
         keytab: for ``sss``, the server's keytab (see :func:`make_keytab`).
         issuer: for ``ztn``, the only token issuer the server trusts.
+        voms: for ``gsi``, the VO whose attributes (from :meth:`TestPKI.voms_proxy`) the server
+            reads; ``authdb`` lines ``g /VO PATH PRIVS`` then authorize the VO's members.
     """
 
     def __init__(self, pki: TestPKI, protocol: str | None = "gsi", tls: bool = False,
                  authdb: str | None = None, gridmap: dict[str, str] | None = None,
-                 keytab: Path | None = None, issuer: "TokenIssuer | None" = None,
+                 keytab: Path | None = None, issuer: "TokenIssuer | None" = None, voms: str | None = None,
                  port: int | None = None, directory: str | os.PathLike | None = None):
         if protocol == "ztn" and not (tls and issuer):
             raise ValueError("a ztn server needs tls=True and an issuer (ztn refuses connections without TLS)")
         environment = {"XDG_CACHE_HOME": str(issuer.cache_home)} if protocol == "ztn" else None
         super().__init__(port=port, directory=directory, environment=environment)
-        self.pki, self.protocol, self.tls = pki, protocol, tls
+        self.pki, self.protocol, self.tls, self.voms = pki, protocol, tls, voms
         self.secrets = self.root / "secrets"
         self.secrets.mkdir(mode=0o700)
         host_cert, host_key = pki.host(HOST)
@@ -263,8 +266,21 @@ class AuthXRootDServer(XRootDServer):
         # -crl:0: the test CA publishes no revocation list.
         return ["xrootd.seclib libXrdSec.so",
                 f"sec.protocol gsi -certdir:{self.pki.cert_dir} -cert:{self.host_cert} -key:{self.host_key} "
-                f"-gridmap:{gridmap_file} -gmapopt:2 -crl:0 -dlgpxy:0",
+                f"-gridmap:{gridmap_file} -gmapopt:2 -crl:0 -dlgpxy:0{self._voms_options()}",
                 "sec.protbind * only gsi"]
+
+    def _voms_options(self) -> str:
+        """With ``voms``: read the VO's attributes from proxies (libXrdVoms), trusting the VOMS
+        server that :meth:`TestPKI.voms_proxy` signs with; ``acc.authdb`` ``g /VO`` lines match."""
+        if self.voms is None:
+            return ""
+        vomsdir = self.root / "vomsdir"
+        (vomsdir / self.voms).mkdir(parents=True)
+        # An .lsc file names the VOMS server's subject and its CA's: that is all the trust it needs.
+        (vomsdir / self.voms / f"voms.{self.voms}.test.lsc").write_text(
+            f"{_SUBJECT_BASE}/CN=voms.{self.voms}.test\n{_SUBJECT_BASE}/CN=ckpt-tasks test CA\n")
+        self.environment.update(X509_VOMS_DIR=str(vomsdir), X509_CERT_DIR=str(self.pki.cert_dir))
+        return f" -vomsfun:libXrdVoms.so -vomsat:1 -vomsfunparms:certfmt=raw|vos={self.voms}|grpopt=10"
 
     def _sss(self, keytab: Path | None) -> list[str]:
         if keytab is None:
