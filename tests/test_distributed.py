@@ -68,8 +68,8 @@ def test_launcher_commands_and_exit_codes():
 def train_args(tmp: Path, name: str, **options) -> list[str]:
     args = [TRAIN, "--store", str(tmp / "store"), "--out", str(tmp / f"{name}.pt"),
             "--log-dir", str(tmp / f"logs-{name}"), "--steps", str(STEPS), "--timeout", "20"]
-    for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in options.items():  # an empty value: a flag
+        args += [f"--{key.replace('_', '-')}"] + ([str(value)] if value != "" else [])
     return args
 
 
@@ -145,8 +145,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step(tmp_path):
     assert latest.metadata["world_size"] == 2 and latest.metadata["reason"] == "signal"
 
 
-def test_a_signal_to_one_rank_only_stops_both_after_the_same_step(tmp_path):
-    process = launch(train_args(tmp_path, "one", step_delay=0.05))
+@pytest.mark.parametrize("agreement", [{}, {"agree_every": 3, "agree_sync": ""}], ids=["overlapped", "sync-every-3"])
+def test_a_signal_to_one_rank_only_stops_both_after_the_same_step(tmp_path, agreement):
+    process = launch(train_args(tmp_path, "one", step_delay=0.05, **agreement))
     wait_for(lambda: last_step(tmp_path, "one", 1) >= 3 or process.poll() is not None, 60, "training steps")
     pid = int(re.search(r"rank 1 pid (\d+)", log_text(tmp_path, "one", 1)).group(1))
     os.kill(pid, signal.SIGTERM)
@@ -155,6 +156,7 @@ def test_a_signal_to_one_rank_only_stops_both_after_the_same_step(tmp_path):
     stops = {int(m.group(1)): int(m.group(2)) for rank in (0, 1)
              for m in STOPPED_LINE.finditer(log_text(tmp_path, "one", rank))}
     assert set(stops) == {0, 1} and stops[0] == stops[1] < STEPS, stops
+    assert stops[0] % agreement.get("agree_every", 1) == 0
     assert CheckpointStore(tmp_path / "store").latest().step == stops[0]
 
 

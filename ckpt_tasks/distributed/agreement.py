@@ -6,6 +6,12 @@ boundary the ranks combine their flags with one ``all_reduce(MAX)`` of a two-ele
 integer tensor (stop requested, a time-based save due): every rank then knows the same
 answer after the same step. With ``every=k`` they combine only every k steps, which
 all ranks must agree on (it is a parameter of the training, like the world size).
+
+With ``overlap`` (the default) the collective runs in the background while the next
+step trains: the flags sent after step s are read after the step that follows,
+when the gradients' all_reduce has long brought the ranks together, so no rank waits
+for a slower one here. A stop then comes one agreement later, after the same step on
+every rank all the same.
 """
 from __future__ import annotations
 
@@ -34,11 +40,12 @@ class StopAgreement:
     """A rank's local stop flag and the collective that makes it everyone's.
 
     Args:
-        group: the process group to agree in (a gloo group; None: the default group).
+        group: the process group to agree in (a gloo group of its own; None: the default group).
         every: combine flags every this many steps (the same on all ranks).
+        overlap: run the collective while the next step trains (the same on all ranks).
     """
 
-    def __init__(self, group: Any = None, every: int = 1):
+    def __init__(self, group: Any = None, every: int = 1, overlap: bool = True):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         import torch
@@ -47,7 +54,10 @@ class StopAgreement:
         self.every = every
         # The guard only records: the stop itself happens when the ranks agree.
         self.guard = StopGuard(lambda signum: None, defer=True)
-        self._flags = torch.zeros(2, dtype=torch.int32)
+        self.overlap = overlap
+        # Two buffers: one in flight while the other is read.
+        self._buffers = [torch.zeros(2, dtype=torch.int32) for _ in range(2)]
+        self._pending: tuple[Any, Any] | None = None  # (work, its buffer)
 
     def install(self) -> bool:
         """Record SIGTERM/SIGINT from now on (False where Python cannot handle signals).
@@ -82,11 +92,33 @@ class StopAgreement:
             return NOTHING
         import torch.distributed as dist
 
-        flags = self._flags
-        flags[0] = int(self.requested)
-        flags[1] = int(save_due)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        decision = NOTHING
+        if self._pending is not None:
+            work, flags = self._pending
+            self._pending = None
+            work.wait()
+            decision = self._decision(flags, step)
+            if decision.stop:
+                return decision
+        flags = self._buffers[0]
+        self._buffers.reverse()
+        flags[0], flags[1] = int(self.requested), int(save_due)
+        if not self.overlap:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            return self._decision(flags, step)
+        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        return decision
+
+    @staticmethod
+    def _decision(flags: Any, step: int) -> Decision:
         stop, save = bool(flags[0]), bool(flags[1])
         if stop:
             logger.info("the ranks agreed to stop after step %d", step)
         return Decision(stop, save) if (stop or save) else NOTHING
+
+    def finish(self) -> None:
+        """Wait for the collective in flight (before the process group goes away)."""
+        if self._pending is not None:
+            work, _ = self._pending
+            self._pending = None
+            work.wait()

@@ -50,6 +50,7 @@ class DistributedCheckpointer:
         checkpoint_every: save every this many steps (None: never by count).
         checkpoint_interval: also save after this many seconds, agreed among the ranks.
         agree_every: combine stop flags every this many steps (the same on all ranks).
+        overlap: agree in the background while the next step trains (see StopAgreement).
         rank_objects: per-rank objects (state_dict protocol) saved for every rank.
         stop_deadline: seconds rank 0's final commit may take.
         control_timeout: seconds a control collective waits for a hung peer.
@@ -61,7 +62,7 @@ class DistributedCheckpointer:
                  checkpoint_every: int | None = None, checkpoint_interval: float | None = None,
                  agree_every: int = 1, rank_objects: dict[str, Stateful] | None = None,
                  stop_deadline: float = 300.0, control_timeout: float = DEFAULT_TIMEOUT,
-                 asynchronous: bool = True, hard_exit: bool = False):
+                 asynchronous: bool = True, hard_exit: bool = False, overlap: bool = True):
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
                                              or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r}")
@@ -78,7 +79,8 @@ class DistributedCheckpointer:
         # Every rank creates the groups in the same order: new_group is itself collective.
         self._control = control_group(control_timeout)
         self._commit_wait = control_group(stop_deadline + _COMMIT_WAIT_MARGIN)
-        self.agreement = StopAgreement(self._control, agree_every)
+        # A group of its own: its collective may be in flight while a save gathers states.
+        self.agreement = StopAgreement(control_group(control_timeout), agree_every, overlap)
         self.background = BackgroundCommitter()
         self._snapshotter = Snapshotter()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"ckpt-rank{self.info.rank}-"))
@@ -244,6 +246,7 @@ class DistributedCheckpointer:
         """At the end of training: wait for the commit in flight (raising its error) and let
         the stop signals go."""
         try:
+            self._collective("finishing the agreement", self.agreement.finish)
             self.background.wait()
         finally:
             self.agreement.uninstall()

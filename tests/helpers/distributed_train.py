@@ -34,6 +34,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--agree-every", type=int, default=1)
+    parser.add_argument("--agree-sync", action="store_true", help="agree without overlap")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=7)
@@ -62,7 +63,7 @@ def main() -> None:
     state = TrainingState(model=model, optimizer=optimizer)
     checkpointer = DistributedCheckpointer(
         CheckpointStore(args.store, keep_last=3), state, params={"seed": args.seed, "steps": args.steps},
-        checkpoint_every=args.checkpoint_every, agree_every=args.agree_every,
+        checkpoint_every=args.checkpoint_every, agree_every=args.agree_every, overlap=not args.agree_sync,
         rank_objects={"noise": GeneratorState(noise)}, control_timeout=args.timeout, stop_deadline=60.0)
     checkpointer.restore()
     per_epoch = batches_per_epoch(SAMPLES, args.batch_size, info.world_size)
