@@ -1,6 +1,7 @@
-"""No credential's content in anything a run writes: a small training against the gsi server,
-with a proxy and a bearer token in its environment, every log line at DEBUG, and every file
-it left on the storage and on the local disk searched for the secrets."""
+"""No credential's content in anything a run writes: a small training against an
+authenticating server, with a proxy and a bearer token in its environment, every log line at
+DEBUG (the XRootD client's at Dump), and every file it left on the storage and on the local
+disk searched for the secrets."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,13 +11,15 @@ import pytest
 from xrootd_auth import client_env, run_as
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["root", "roots"])
-def gsi(request, make_auth_server, test_pki):
-    """gsi on root://, and on roots:// (TLS): the seed's Checkpointer and the store on both."""
+@pytest.fixture(scope="module", params=["gsi-root", "gsi-roots", "ztn-roots"])
+def server(request, make_auth_server, test_pki, token_issuer):
+    """gsi on root:// and on roots:// (the proxy is sent), ztn on roots:// (the token is sent):
+    the seed's Checkpointer and the store on each."""
+    protocol, tls = request.param.split("-")[0], request.param.endswith("roots")
+    if protocol == "ztn":
+        return make_auth_server(protocol="ztn", tls=True, issuer=token_issuer)
     alice = test_pki.user("leak-alice")
-    server = make_auth_server(protocol="gsi", tls=request.param, authdb="u alice /alice a\n",
-                              gridmap={alice.subject: "alice"})
-    return server, alice
+    return make_auth_server(protocol="gsi", tls=tls, authdb="u alice /alice a\n", gridmap={alice.subject: "alice"})
 
 
 def secrets_of(proxy_text: str, token: str) -> list[str]:
@@ -29,11 +32,11 @@ def secrets_of(proxy_text: str, token: str) -> list[str]:
     return [*key_lines, "PRIVATE KEY", token, token.rsplit(".", 1)[1]]
 
 
-def test_a_training_writes_no_secret(gsi, test_pki, token_issuer, tmp_path):
-    server, alice = gsi
-    proxy = test_pki.proxy(alice, tmp_path / "x509up", lifetime=dt.timedelta(hours=3))
-    token = token_issuer.token("storage.read:/ storage.create:/ storage.modify:/", lifetime=dt.timedelta(hours=3))
-    env = client_env(test_pki, proxy, BEARER_TOKEN=token, XRD_LOGLEVEL="Debug", TMPDIR=str(tmp_path))
+def test_a_training_writes_no_secret(server, test_pki, token_issuer, tmp_path):
+    proxy = test_pki.proxy(test_pki.user("leak-alice"), tmp_path / "x509up", lifetime=dt.timedelta(hours=3))
+    scope = "storage.read:/alice storage.create:/alice storage.modify:/alice"
+    token = token_issuer.token(scope, lifetime=dt.timedelta(hours=3))
+    env = client_env(test_pki, proxy, BEARER_TOKEN=token, XRD_LOGLEVEL="Dump", TMPDIR=str(tmp_path))
     location = f"{server.url}//alice/leak"
     answer = run_as(env, "train", location, "4", f"{server.url}//elsewhere/run", timeout=180)
     assert answer["ok"], answer
