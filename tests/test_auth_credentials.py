@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import shutil
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_default_proxy_path(proxy, monkeypatch, tmp_path):
     default = f"/tmp/x509up_u{uid}"
     if os.path.exists(default):
         pytest.skip(f"{default} exists on this machine; it is not the test's to replace")
-    os.link(proxy, default)
+    shutil.copy(proxy, default)  # a copy: tmp_path may be on another file system than /tmp
     try:
         credential = find_proxy({}, uid=uid)
         assert str(credential.path) == default and credential.source == "default path"
