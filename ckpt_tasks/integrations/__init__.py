@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any, Callable
 
-from ckpt_tasks.checkpointer import Checkpointer, exit_process
+from ckpt_tasks.checkpointer import Checkpointer
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.transfer import StoreTransfer
 
@@ -37,14 +36,33 @@ def open_store(store: str | os.PathLike | CheckpointStore, keep_last: int = 3,
     return CheckpointStore(store, keep_last=keep_last, retry=RetryPolicy(deadline=storage_timeout))
 
 
+class _SkipCommitted:
+    """The committer of ``store=`` mode: a stop does not write again the step just committed."""
+
+    def __init__(self, store_transfer: StoreTransfer, current_step: Callable[[], int]):
+        self.store_transfer = store_transfer
+        self.current_step = current_step
+        self.checkpointer: Checkpointer | None = None  # set once the Checkpointer exists
+
+    def save(self, value: Any) -> None:
+        self.checkpointer.checkpoint(value)
+        self.checkpointer.transfer_checkpoint_files()
+
+    def save_final(self, value: Any) -> None:
+        if self.store_transfer.last_committed_step == self.current_step():
+            logger.info("step %d is committed already", self.current_step())
+            return
+        self.save(value)
+
+
 class FrameworkCheckpointer(Checkpointer):
-    """The Checkpointer behind a framework callback.
+    """The Checkpointer behind a framework callback, built from the Checkpointer's public options.
 
     It differs from the plain Checkpointer in three ways:
 
     - Signal handlers are installed by the callback when the training loop starts
-      (:meth:`install`) and removed when it ends (:meth:`close`), not at construction:
-      outside the loop nobody would honour a recorded signal.
+      (:meth:`install_signal_handlers`) and removed when it ends (:meth:`close`), not at
+      construction: outside the loop nobody would honour a recorded signal.
     - A SIGTERM/SIGINT is only recorded; the callback honours it at the next batch
       end (:meth:`stop_if_requested`), where the framework's state is consistent.
     - With a :class:`StoreTransfer` (``store=`` mode) a stop does not write again the
@@ -52,43 +70,23 @@ class FrameworkCheckpointer(Checkpointer):
       (for luigi/law, which catch ``SystemExit``).
     """
 
-    defer_signals = True
-
     def __init__(self, local_checkpoint_file, checkpoint_function, restore_function, *,
                  store_transfer: StoreTransfer | None = None, current_step: Callable[[], int] | None = None,
-                 hard_exit: bool = False, **kwargs):
-        self._store_transfer = store_transfer
-        self._current_step = current_step
-        self._hard_exit = hard_exit
+                 **kwargs):
+        committer = None
+        if store_transfer is not None:
+            if current_step is None:
+                raise TypeError("store_transfer needs current_step")
+            committer = _SkipCommitted(store_transfer, current_step)
+            kwargs.update(transfer=store_transfer, committer=committer)
         # The callbacks install the handlers when training starts (after the framework's own).
         super().__init__(local_checkpoint_file, checkpoint_function, restore_function,
-                         handle_signals=False, **kwargs)
-
-    # -- the Checkpointer's hooks ---------------------------------------------------------------
-
-    def _make_transfer(self):
-        if self._store_transfer is not None:
-            return self._store_transfer
-        return super()._make_transfer()
-
-    def _save_final(self, value: Any) -> None:
-        if (self._store_transfer is not None and self._current_step is not None
-                and self._store_transfer.last_committed_step == self._current_step()):
-            logger.info("step %d is committed already", self._current_step())
-            return
-        super()._save_final(value)
-
-    def _exit(self, code: int) -> None:
-        self.close()
-        if self._hard_exit:
-            exit_process(code, hard=True)
-        sys.exit(code)
-
-    # -- what the callbacks call ----------------------------------------------------------------
+                         handle_signals=False, defer_signals=True, **kwargs)
+        if committer is not None:
+            committer.checkpointer = self
 
     def write_and_transfer(self, value: Any) -> None:
         """Checkpoint ``value`` now (write and transfer), whatever the cadence says."""
-        with self._critical():
-            self.checkpoint_value = value
-            self._write_local(value)
+        with self.stop_guard.critical():
+            self.checkpoint(value)
             self.transfer_checkpoint_files()
