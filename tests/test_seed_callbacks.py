@@ -80,6 +80,11 @@ def test_keras_seed_mode_trains_again_after_a_completed_fit(tmp_path, monkeypatc
     assert not (tmp_path / "checkpoint").exists()  # the seed's backup is deleted at the end
     assert _fit(model, callback, epochs=2).epoch == [0, 1]  # fit again, same callback
     assert _fit(_model(), KerasCheckpointerCallback("checkpoint"), epochs=2).epoch == [0, 1]  # the script again
+    kept = KerasCheckpointerCallback("checkpoint")
+    kept.delete_checkpoint = False
+    assert _fit(_model(), kept, epochs=2).epoch == [0, 1]
+    assert (tmp_path / "checkpoint" / "checkpoint.zip").exists()
+    assert _fit(_model(), KerasCheckpointerCallback("checkpoint"), epochs=3).epoch == [2]
 
 
 def test_keras_seed_shared_mode_trains_again_after_a_completed_fit(tmp_path):

@@ -16,7 +16,7 @@ downloads the newest checkpoint that verifies (size and adler32) to a local file
 and returns its path, or None when the store is empty.
 
 On SIGTERM or SIGINT during training the callback commits a checkpoint at the end
-of the current batch and exits with code 85 (see "Signals" in examples/INTEGRATIONS.md
+of the current batch and exits with code 85 (see "Signals" in the README's "Lightning and Keras" section
 for how it shares SIGTERM with Lightning's own handler).
 
 Seed mode, unchanged from the seed project except for the import::
@@ -191,7 +191,7 @@ class LightningCheckpointerCallback(pl.Callback):
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
         # Lightning registered its SIGTERM handler just before; ours replaces it while the
-        # training loop runs (see INTEGRATIONS.md, "Signals") and gives it back at the end.
+        # training loop runs (see the README, "Signals") and gives it back at the end.
         self.checkpointer.install_signal_handlers()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
