@@ -129,7 +129,12 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
             content.append(("checkpoint_exit_code", CHECKPOINT_EXIT_CODE))
             content.append(("transfer_checkpoint_files", SPOOL_DIR))
             content.append(("preserve_relative_paths", "true"))
-            content.append(("when_to_transfer_output", "ON_EXIT"))
+            # At an eviction HTCondor sends the *output* list back (not the checkpoint list)
+            # and copies it into the next sandbox: the checkpoint committed at SIGTERM
+            # survives. (With ON_EXIT only the last exit-85 spool would.) At the job's end
+            # the directory also lands in the initialdir (the workflow's output directory).
+            content.append(("when_to_transfer_output", "ON_EXIT_OR_EVICT"))
+            content.append(("transfer_output_files", SPOOL_DIR))
         # Site additions: every option of [ckpt_tasks_htcondor] in law.cfg is a submit command.
         cfg = law.config.Config.instance()
         if cfg.has_section(CONFIG_SECTION):
