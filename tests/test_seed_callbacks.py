@@ -297,3 +297,43 @@ def test_lightning_on_save_checkpoint_transfers_the_local_checkpoint(tmp_path):
     # the Checkpointer's own (epoch 0 end; checkpoint_every=100) and one per later ModelCheckpoint save
     assert len(stores) >= 3, transferred
     assert len(list((tmp_path / "models").iterdir())) == 3
+
+
+@pytest.mark.xrootd
+def test_keras_seed_xrootd_mode_resumes_then_trains_again_after_completion(tmp_path, xrootd_server):
+    remote = f"/keras-seed-{tmp_path.name}/checkpoint.zip"
+    kwargs = dict(checkpoint_transfer_mode="xrootd", checkpoint_transfer_target=remote,
+                  xrootd_server_name=xrootd_server.url)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(), KerasCheckpointerCallback(tmp_path / "backup", **kwargs), epochs=3, extra=[StopAt(2)])
+    stored = xrootd_server.data_dir / remote.lstrip("/")
+    assert stored.exists()
+    shutil.rmtree(tmp_path / "backup")  # a new job on another node
+    assert _fit(_model(), KerasCheckpointerCallback(tmp_path / "backup", **kwargs), epochs=3).epoch == [2]
+    with tarfile.open(stored) as archive:  # completed: the stored copy says so
+        assert [m.name for m in archive.getmembers()] == ["backup/training-completed.json"]
+    assert _fit(_model(), KerasCheckpointerCallback(tmp_path / "backup", **kwargs), epochs=3).epoch == [0, 1, 2]
+
+
+def test_keras_completed_fit_whose_marker_cannot_be_stored_still_returns(tmp_path, caplog):
+    state = {"broken": False}
+
+    def copy(source, destination):
+        if state["broken"]:
+            raise OSError("storage gone")
+        if not Path(source).exists():
+            raise FileNotFoundError(source)
+        shutil.copy(source, destination)
+
+    class Break(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            state["broken"] = True
+
+    callback = KerasCheckpointerCallback(tmp_path / "backup", checkpoint_transfer_mode="manual",
+                                         checkpoint_transfer_target=tmp_path / "stored.zip",
+                                         checkpoint_transfer_callback=copy, checkpoint_transfer_callback_kwargs={})
+    x, y = _data()
+    with caplog.at_level("WARNING", logger="ckpt_tasks.integrations.keras"):
+        history = _model().fit(x, y, epochs=2, batch_size=64, verbose=0, callbacks=[Break(), callback])
+    assert history.epoch == [0, 1]  # the training's result is not lost to the marker
+    assert "could not be marked completed (storage gone)" in caplog.text

@@ -336,8 +336,12 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
         # backup, so the next run trains from the start. The stored copy cannot be deleted
         # in every mode (manual), so it is overwritten with a "completed" marker.
         if self.checkpointer.checkpoint_transfer_mode in _STORING_MODES:
-            self.checkpointer.checkpoint(_COMPLETED)
-            self.checkpointer.transfer_checkpoint_files()
+            try:
+                self.checkpointer.checkpoint(_COMPLETED)
+                self.checkpointer.transfer_checkpoint_files()
+            except Exception as error:  # the training is done: its script goes on
+                logger.warning("the training completed, but the stored backup could not be marked "
+                               "completed (%s): the next run resumes it and trains nothing", error)
         self.checkpointer.checkpoint_value = None
         shutil.rmtree(self._backup_path, ignore_errors=True)
         logger.info("training completed: deleted the backup %s", self.backup_dir)
