@@ -20,9 +20,15 @@ From these records:
   step rate;
 - **checkpoint overhead** is the time each commit took (from the lineage time,
   taken when the save started, to the manifest's ``created``);
-- **goodput** is the time held by runs minus work lost and checkpoint
-  overhead, as a share of the time held (and of the wall time, which also
-  counts the waits between runs).
+- **start-up** is the time from a run's process start to its first training
+  step (imports, fetch, restore): the first step's time is the run's first
+  checkpoint minus the steps it made since the step it resumed from, at the
+  run's step rate (or the training's, when the run has one checkpoint); with
+  no rate at all, the whole time to the first checkpoint counts (an upper
+  bound, labelled as such);
+- **goodput** is the time held by runs minus work lost, start-up and
+  checkpoint overhead, as a share of the time held (and of the wall time,
+  which also counts the waits between runs).
 
 ``--json`` prints the same as JSON; ``--plot FILE.png`` draws step over wall
 time with the interruptions marked, and the loss over steps.
@@ -83,6 +89,8 @@ class Run:
     start: float
     points: list[Point] = field(default_factory=list)
     end: float | None = None  # when it stopped (estimated for all but the last run)
+    startup: float = 0.0  # process start to the first training step
+    startup_basis: str = ""  # how ``startup`` was found
 
     @property
     def first_step(self) -> int:
@@ -127,6 +135,7 @@ class Timeline:
     held_seconds: float
     lost_seconds: float
     overhead_seconds: float
+    startup_seconds: float
     goodput: float | None  # of the held time
     goodput_wall: float | None  # of the wall time
 
@@ -161,6 +170,7 @@ class Timeline:
             "held_seconds": self.held_seconds,
             "lost_seconds": self.lost_seconds,
             "overhead_seconds": self.overhead_seconds,
+            "startup_seconds": self.startup_seconds,
             "goodput": self.goodput,
             "goodput_wall": self.goodput_wall,
         }
@@ -219,7 +229,26 @@ def points_of(checkpoints) -> tuple[list[Point], int]:
     return sorted(points.values(), key=lambda p: (p.time, p.step)), without
 
 
+def _estimate_startups(runs: list[Run]) -> None:
+    """Set each run's start-up: process start to its first training step (module docstring)."""
+    rates = sorted(rate for run in runs if (rate := run.step_rate))
+    fallback = rates[len(rates) // 2] if rates else None  # the training's median rate
+    resumed_from = 0
+    for run in runs:
+        first = run.points[0]
+        to_first_checkpoint = max(0.0, first.time - run.start)
+        rate = run.step_rate or fallback
+        if rate:
+            first_step_at = first.time - max(0, first.step - resumed_from) / rate
+            run.startup = min(to_first_checkpoint, max(0.0, first_step_at - run.start))
+            run.startup_basis = "step rate" if run.step_rate else "the training's step rate"
+        else:
+            run.startup, run.startup_basis = to_first_checkpoint, "to the first checkpoint (upper bound)"
+        resumed_from = run.last_step
+
+
 def build_timeline(checkpoints, location: str = "") -> Timeline:
+    """The runs, interruptions and accounting of a location's checkpoints (module docstring)."""
     points, without = points_of(checkpoints)
     by_run: dict[str, Run] = {}
     for point in points:
@@ -259,15 +288,17 @@ def build_timeline(checkpoints, location: str = "") -> Timeline:
             resumed_step=last.step))
     if runs:
         runs[-1].end = runs[-1].last_commit
+    _estimate_startups(runs)
     wall = (runs[-1].end - runs[0].start) if runs else 0.0
     held = sum(max(0.0, run.end - run.start) for run in runs)
     lost = sum(i.lost_seconds for i in interruptions)
     overhead = sum(p.overhead or 0.0 for p in points)
-    useful = max(0.0, held - lost - overhead)
+    startup = sum(run.startup for run in runs)
+    useful = max(0.0, held - lost - overhead - startup)
     return Timeline(
         location=location, runs=runs, interruptions=interruptions, checkpoints=len(points),
         without_lineage=without, wall_seconds=wall, held_seconds=held, lost_seconds=lost,
-        overhead_seconds=overhead, goodput=useful / held if held > 0 else None,
+        overhead_seconds=overhead, startup_seconds=startup, goodput=useful / held if held > 0 else None,
         goodput_wall=useful / wall if wall > 0 else None)
 
 
@@ -302,7 +333,8 @@ def format_timeline(timeline: Timeline) -> str:
         where = f"host {run.host}, pid {run.pid}"
         if run.job_id:
             where += f", job {run.job_id}, job start {run.num_job_starts}"
-        lines.append(f"{_clock(run.start)}  run {run.index} started ({where})")
+        lines.append(f"{_clock(run.start)}  run {run.index} started ({where}); start-up "
+                     f"{_duration(run.startup)} ({run.startup_basis})")
         for point in run.points:
             loss = "" if point.loss is None else f"  loss {point.loss:.4g}"
             overhead = "" if point.overhead is None else f"  commit {point.overhead:.2f} s"
@@ -320,6 +352,7 @@ def format_timeline(timeline: Timeline) -> str:
               f"time held by runs    {_duration(timeline.held_seconds)}",
               f"work lost            {_duration(timeline.lost_seconds)}",
               f"checkpoint overhead  {_duration(timeline.overhead_seconds)}",
+              f"start-up             {_duration(timeline.startup_seconds)}",
               f"goodput              {_percent(timeline.goodput)} of held time, "
               f"{_percent(timeline.goodput_wall)} of wall time"]
     if timeline.without_lineage:

@@ -359,3 +359,32 @@ def test_progress_draws_in_a_terminal():
         outputs[setting] = b"".join(chunks).decode(errors="replace")
     assert "upload state.pt" in outputs["1"] and "4.00M" in outputs["1"]
     assert outputs["0"] == ""
+
+
+def test_start_up_counts_as_overhead_not_as_useful_work():
+    # A fresh process that imports, fetches and restores for 50 s, then trains 10 steps/s
+    # from step 0 and commits steps 10 and 20 (0.1 s each): 2 s of its 52 were useful.
+    rows = [(10, record("f", 5, T0, T0 + 51.0, 10, njs=None), 0.1, None),
+            (20, record("f", 5, T0, T0 + 52.0, 20, njs=None), 0.1, None)]
+    timeline = history.build_timeline(checkpoints_of(rows), "loc")
+    (run,) = timeline.runs
+    assert run.startup == pytest.approx(50.0) and run.startup_basis == "step rate"
+    assert timeline.startup_seconds == pytest.approx(50.0)
+    assert timeline.held_seconds == pytest.approx(52.1)
+    assert timeline.goodput == pytest.approx((52.1 - 50.0 - 0.2) / 52.1)
+    assert timeline.to_json()["startup_seconds"] == pytest.approx(50.0)
+    assert "start-up             50.0 s" in history.format_timeline(timeline)
+
+
+def test_start_up_of_a_run_with_one_checkpoint():
+    # run g (10 steps/s) gives the rate for run h, which resumed from 20, started at +100
+    # and committed step 30 at +130: its first step came at +129, 29 s of start-up.
+    rows = [(10, record("g", 1, T0, T0 + 2.0, 10, njs=None), 0.0, None),
+            (20, record("g", 1, T0, T0 + 3.0, 20, njs=None), 0.0, None),
+            (30, record("h", 2, T0 + 100, T0 + 130.0, 30, njs=None), 0.0, None)]
+    first, second = history.build_timeline(checkpoints_of(rows), "loc").runs
+    assert first.startup == pytest.approx(1.0)
+    assert second.startup == pytest.approx(29.0) and second.startup_basis == "the training's step rate"
+    # alone, with no rate anywhere, everything up to the first checkpoint counts
+    (alone,) = history.build_timeline(checkpoints_of(rows[2:]), "loc").runs
+    assert alone.startup == pytest.approx(30.0) and "upper bound" in alone.startup_basis
