@@ -35,8 +35,9 @@ import logging
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import law
 import luigi
@@ -44,6 +45,7 @@ import luigi
 from ckpt_tasks import jobenv
 from ckpt_tasks.async_checkpoint import TrainingStateCommitter, checkpoint_metadata
 from ckpt_tasks.checkpointer import Checkpointer
+from ckpt_tasks.errors import StorageAuthenticationFailed, StoragePermissionDenied
 from ckpt_tasks.jobenv.limits import DEFAULT_MARGIN, SiteLimits, parse_attribute_list
 from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.parameters import (CheckedBoolParameter, LocationParameter, NonNegativeFloatParameter,
@@ -51,7 +53,7 @@ from ckpt_tasks.parameters import (CheckedBoolParameter, LocationParameter, NonN
 from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.progress import step_bar
 from ckpt_tasks.state import TrainingState
-from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE
+from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE, EXIT_CREDENTIAL_REFUSED, exit_process
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.targets import checkpoints_target
 from ckpt_tasks.transfer import StoreTransfer
@@ -108,11 +110,29 @@ class TaskCheckpointer(Checkpointer):
             elif self._stop_at is not None and time.time() >= self._stop_at:
                 logger.info("checkpoint exit before the site's limit: %s", self.site_limits.describe())
                 self.stop_guard.request(signal.SIGTERM)
-        super().step(value)
+        with credential_refusals_exit():
+            super().step(value)
 
     def flush(self) -> None:
         """Wait for the commit in flight; raise its error, if it failed."""
         self.committer.wait()
+
+
+def exit_credential_refused(message: str) -> None:
+    """Leave with :data:`EXIT_CREDENTIAL_REFUSED`: no restart fixes a refused credential."""
+    logger.error("%s. Renew the proxy or token where the job was submitted (for HTCondor: on the "
+                 "access point, then condor_release the job); the committed checkpoints are kept", message)
+    exit_process(EXIT_CREDENTIAL_REFUSED, hard=True)
+
+
+@contextmanager
+def credential_refusals_exit() -> Iterator[None]:
+    """Turn the storage refusing this job's credential into :func:`exit_credential_refused`:
+    training on without checkpoints, or restarting in a loop, would burn GPU hours."""
+    try:
+        yield
+    except (StorageAuthenticationFailed, StoragePermissionDenied) as error:
+        exit_credential_refused(f"the storage refused this job's credential: {type(error).__name__}: {error}")
 
 
 class TrainingSession:
@@ -268,9 +288,23 @@ class CheckpointedTask(law.Task):
         names = parse_attribute_list(law.config.get_expanded("ckpt_tasks", "walltime_attributes", default=None))
         return jobenv.current().site_limits(names)
 
+    def preflight(self, store: CheckpointStore, limits: SiteLimits) -> None:
+        """Before any work: the credential's lifetime and a probe of the store (write, rename,
+        delete). A refusal leaves with :data:`EXIT_CREDENTIAL_REFUSED`, which the HTCondor
+        workflow turns into a hold that says what to renew."""
+        from ckpt_tasks.preflight import PreflightRefused, preflight
+
+        expected = None if limits.deadline is None else max(0.0, limits.deadline - time.time())
+        try:
+            preflight(store.location, expected_duration=expected, deadline=self.storage_timeout)
+        except PreflightRefused as error:
+            exit_credential_refused(f"refused before training ({error.reason}): {error}")
+
     def run(self):
-        state = self.create_state()
+        limits = self.site_limits()
         store = self.checkpoint_store()
+        self.preflight(store, limits)
+        state = self.create_state()
         transfer = StoreTransfer(store, step_of=lambda: state.step, params=self.checkpoint_params(),
                                  metadata_of=lambda: checkpoint_metadata(state, SaveReason.INTERVAL))
         workdir = jobenv.current().make_workdir(prefix="ckpt-")
@@ -282,12 +316,13 @@ class CheckpointedTask(law.Task):
             checkpoint_interval=self.checkpoint_interval or None,
             checkpoint_exit_code=CHECKPOINT_EXIT_CODE,
             exit_interval=self.checkpoint_exit_interval or None,
-            site_limits=self.site_limits(),
+            site_limits=limits,
             walltime_margin=self.walltime_margin,
         )
         session = TrainingSession(self, state, checkpointer, self.total_steps())
         try:
-            checkpointer.restore(state)
+            with credential_refusals_exit():
+                checkpointer.restore(state)
             if transfer.restored is not None:
                 self.publish_message(f"resuming from step {state.step} "
                                      f"(epoch {state.epoch}, batch {state.batch}) of {store.location}")
