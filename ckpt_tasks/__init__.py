@@ -1,10 +1,13 @@
 """ckpt_tasks: long trainings on HTCondor pools that survive eviction with nothing lost."""
 from ckpt_tasks.checkpointer import Checkpointer
-from ckpt_tasks.errors import (CkptTasksError, FingerprintMismatch, JobAdError, StorageError,
-                               StorageUnavailable, VerificationError)
+from ckpt_tasks.errors import (CkptTasksError, FingerprintMismatch, InvalidStoragePath, JobAdError,
+                               PermanentStorageError, StorageAuthenticationFailed, StorageError, StorageFull,
+                               StorageNotFound, StoragePermissionDenied, StorageReadOnly, StorageUnavailable,
+                               VerificationError)
 from ckpt_tasks.policy import SaveEvery, SaveInterval, SavePolicy, SaveReason
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE, StopGuard
+from ckpt_tasks.storage.retention import KeepEvery, KeepLast
 from ckpt_tasks.storage.store import Checkpoint, CheckpointStore, RetryPolicy
 
 __version__ = "0.1.0"
@@ -22,6 +25,15 @@ __all__ = [
     "Checkpointer",
     "CkptTasksError",
     "FingerprintMismatch",
+    "InvalidStoragePath",
+    "KeepEvery",
+    "KeepLast",
+    "PermanentStorageError",
+    "StorageAuthenticationFailed",
+    "StorageFull",
+    "StorageNotFound",
+    "StoragePermissionDenied",
+    "StorageReadOnly",
     "JobAdError",
     "RetryPolicy",
     "StorageError",
