@@ -14,13 +14,64 @@ task_class="$2"
 task_params="$(echo "$3" | base64 --decode)"
 branches="$(echo "$4" | base64 --decode)"
 
-project="{{ckpt_tasks_root}}"
+software="{{ckpt_software}}"
+sandbox="${_CONDOR_SCRATCH_DIR:-${PWD}}"
+
+# fail_input FILE WHY: a bundle that cannot be used; exit {{ckpt_software_exit_code}} names the cause in the job's log.
+fail_input() {
+    echo "ckpt_tasks job: error: software bundle $1: $2" >&2
+    exit {{ckpt_software_exit_code}}
+}
+
+# check_and_unpack FILE SIZE SHA256 DIR: the bundle as HTCondor transferred it, size and
+# checksum checked before a byte of it is unpacked.
+check_and_unpack() {
+    [ -f "$1" ] || fail_input "$1" "missing from the sandbox (not transferred)"
+    local size sha
+    size="$(stat -c %s "$1")"
+    [ "${size}" = "$2" ] || fail_input "$1" "has ${size} bytes, expected $2 (truncated or replaced)"
+    sha="$(sha256sum "$1" | cut -d' ' -f1)"
+    [ "${sha}" = "$3" ] || fail_input "$1" "sha256 ${sha}, expected $3 (corrupt)"
+    mkdir -p "$4"
+    tar -xzf "$1" -C "$4" || fail_input "$1" "cannot be unpacked"
+    rm -f "$1"  # the unpacked tree is what counts; spare the sandbox the copy
+}
+
+case "${software}" in
+    shared)
+        project="{{ckpt_tasks_root}}"
+        export CKPT_TASKS_DATA="{{ckpt_tasks_data}}"
+        export PATH="${project}/.venv/bin:${PATH}"
+        python="${project}/.venv/bin/python"
+        ;;
+    bundle | container)
+        started=$(date +%s.%N)
+        project="${sandbox}/ckpt_software/code"
+        check_and_unpack "{{ckpt_code_bundle}}" "{{ckpt_code_bundle_size}}" "{{ckpt_code_bundle_sha256}}" "${project}"
+        if [ "${software}" = bundle ]; then
+            check_and_unpack "{{ckpt_env_bundle}}" "{{ckpt_env_bundle_size}}" "{{ckpt_env_bundle_sha256}}" \
+                "${sandbox}/ckpt_software"
+            python="${sandbox}/ckpt_software/env/bin/python"
+        else
+            python="$(command -v python3)" || fail_input "image" "has no python3 on PATH"
+        fi
+        # Outputs go into the sandbox; HTCondor brings them back to the submit side.
+        export CKPT_TASKS_DATA="${sandbox}/{{ckpt_job_data_dir}}"
+        mkdir -p "${CKPT_TASKS_DATA}"
+        echo "ckpt_tasks job: software (${software}) checked and unpacked in" \
+             "$(echo "$(date +%s.%N) - ${started}" | awk '{printf "%.1f", $1 - $3}') s"
+        ;;
+    *)
+        echo "ckpt_tasks job: error: unknown software route '${software}'" >&2
+        exit {{ckpt_software_exit_code}}
+        ;;
+esac
 export CKPT_TASKS_ROOT="${project}"
-export CKPT_TASKS_DATA="{{ckpt_tasks_data}}"
 export LAW_CONFIG_FILE="${project}/law.cfg"
-export LAW_HOME="${_CONDOR_SCRATCH_DIR:-${PWD}}/.law"
+export LAW_HOME="${sandbox}/.law"
 export PYTHONPATH="${project}${PYTHONPATH:+:${PYTHONPATH}}"
-export PATH="${project}/.venv/bin:${PATH}"
+"${python}" -c "import torch, law, luigi" 2>/dev/null \
+    || fail_input "environment" "${python} cannot import torch, law and luigi: $("${python}" -c 'import torch, law, luigi' 2>&1 | tail -n 1)"
 # HTCondor restores the spooled checkpoints into the sandbox after an eviction (spool mode);
 # the name comes from workflow.py (SPOOL_DIR), rendered in at submission.
 mkdir -p "{{ckpt_spool_dir}}"
@@ -39,7 +90,7 @@ trap 'relay INT' INT
 
 for branch in ${branches}; do
     # bash starts background jobs with SIGINT ignored; restore the defaults for law.
-    eval "( trap - INT TERM; exec law run ${task_module}.${task_class} ${task_params} --branch=${branch} ) &"
+    eval "( trap - INT TERM; exec \"\${python}\" -m law run ${task_module}.${task_class} ${task_params} --branch=${branch} ) &"
     child=$!
     # A trapped signal interrupts `wait` while `law run` still commits its checkpoint:
     # wait again for as long as it lives, then take its real exit code.

@@ -30,6 +30,7 @@ from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the co
 
 from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeIntParameter,  # noqa: E402
                                    PositiveIntParameter)
+from ckpt_tasks.htcondor import software as routes  # noqa: E402
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
 
 #: the sandbox directory that holds a spool-mode branch's checkpoints (rendered into job.sh)
@@ -86,8 +87,18 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
     request_disk = luigi.Parameter(default="2GB", significant=False,
                                    description="disk per job (HTCondor units); default: 2GB")
     request_cpus = PositiveIntParameter(default=1, significant=False, description="CPUs per job; default: 1")
+    software = CheckedChoiceParameter(
+        default=routes.config_default(CONFIG_SECTION, "software", "shared"), choices=list(routes.ROUTES),
+        significant=False, description="how jobs get the code and environment: 'shared' (same paths on the "
+                                       "workers), 'bundle' (shipped tarballs), 'container' (--container-image); "
+                                       "default: [ckpt_tasks_htcondor] software in law.cfg, else shared")
+    container_image = luigi.Parameter(
+        default=routes.config_default(CONFIG_SECTION, "container_image", ""), significant=False,
+        description="the image of --software container (docker://, .sif, CVMFS path, URL); "
+                    "default: [ckpt_tasks_htcondor] container_image in law.cfg")
 
-    exclude_params_branch = {"request_gpus", "request_memory", "request_disk", "request_cpus"}
+    exclude_params_branch = {"request_gpus", "request_memory", "request_disk", "request_cpus", "software",
+                             "container_image"}
 
     def htcondor_output_directory(self):
         data = os.path.expandvars(os.environ.get("CKPT_TASKS_DATA", "$CKPT_TASKS_ROOT/data"))
@@ -111,10 +122,7 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
 
     def htcondor_job_config(self, config, job_num, branches):
         root = os.environ.get("CKPT_TASKS_ROOT") or str(Path(__file__).resolve().parents[2])
-        config.render_variables["ckpt_tasks_root"] = root
         config.render_variables["ckpt_spool_dir"] = SPOOL_DIR
-        config.render_variables["ckpt_tasks_data"] = os.path.expandvars(
-            os.environ.get("CKPT_TASKS_DATA", os.path.join(root, "data")))
         # One log, stdout and stderr file per job in the output directory, to watch the jobs.
         config.log, config.stdout, config.stderr = "log.txt", "stdout.txt", "stderr.txt"
         content = config.custom_content
@@ -138,6 +146,9 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         # Site additions: every option of [ckpt_tasks_htcondor] in law.cfg is a submit command.
         cfg = law.config.Config.instance()
         if cfg.has_section(CONFIG_SECTION):
-            for option in cfg.options(CONFIG_SECTION):
+            for option in [o for o in cfg.options(CONFIG_SECTION) if o not in routes.SOFTWARE_OPTIONS]:
                 content.append((option, cfg.get_expanded(CONFIG_SECTION, option)))
+        routes.configure_job(config, self, branches, route=self.software, root=root,
+                               container_image=self.container_image,
+                               cache_dir=routes.config_default(CONFIG_SECTION, "bundle_cache", "") or None)
         return config

@@ -1,0 +1,197 @@
+"""The software routes of the HTCondor workflow (``--software shared|bundle|container``).
+
+Without a pool: the code bundle (content-addressed, uncommitted and untracked files in,
+ignored ones out), the dependency closure, the relocatable environment bundle run from
+another directory with a clean environment, the rendered job script (no path of the
+submit side in the bundle route) and its checks of a bundle before unpacking.
+
+With the pool (tests/helpers/isolated_pool.py): a bundle-route branch whose job runs as
+an account that cannot read the checkout or the venv's Python, finishes, and its model
+comes back to the submit side by HTCondor's output transfer; the container route's
+submit file passes ``condor_submit -dry-run``.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ckpt_tasks.htcondor import bundle, envbundle, software
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A small git checkout: committed, modified, untracked and ignored files."""
+    path = tmp_path / "repo"
+    (path / "pkg" / "__pycache__").mkdir(parents=True)
+    (path / "pkg" / "mod.py").write_text("x = 1\n")
+    (path / ".gitignore").write_text("data/\n*.log\n")
+    git(path, "init", "-q")
+    git(path, "add", ".")
+    git(path, "commit", "-q", "-m", "first")
+    (path / "pkg" / "mod.py").write_text("x = 2\n")         # uncommitted change
+    (path / "pkg" / "new.py").write_text("y = 1\n")         # untracked, not ignored
+    (path / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    (path / "run.log").write_text("ignored\n")
+    (path / "data").mkdir()
+    (path / "data" / "big.bin").write_bytes(b"\0" * 1000)
+    return path
+
+
+def members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_code_bundle_holds_the_working_tree_and_is_named_by_its_checksum(repo, tmp_path):
+    built = bundle.build_code_bundle(repo, tmp_path / "cache")
+    files = members(built.path)
+    assert sorted(files) == [".gitignore", "pkg/mod.py", "pkg/new.py"]
+    assert files["pkg/mod.py"] == b"x = 2\n"
+    assert built.sha256 == bundle.sha256_of(built.path) and built.size == built.path.stat().st_size
+    assert built.path.name == f"code-{built.sha256[:16]}.tar.gz"
+    # the same tree, built again later (other mtimes), gives the very same file
+    os.utime(repo / "pkg" / "mod.py", (1, 1))
+    assert bundle.build_code_bundle(repo, tmp_path / "cache") == built
+    (repo / "pkg" / "new.py").write_text("y = 2\n")
+    changed = bundle.build_code_bundle(repo, tmp_path / "cache")
+    assert changed.sha256 != built.sha256 and changed.path != built.path
+
+
+def test_code_bundle_without_git_follows_the_gitignore(repo, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle, "_git_files", lambda root: None)
+    shutil.rmtree(repo / ".git")
+    assert bundle.code_files(repo) == [".gitignore", "pkg/mod.py", "pkg/new.py"]
+
+
+def test_the_project_code_bundle_leaves_out_venv_data_and_test_data():
+    names = bundle.code_files(ROOT)
+    assert "law.cfg" in names and "workflows/train.py" in names and "ckpt_tasks/htcondor/job.sh" in names
+    assert not [n for n in names if n.startswith((".venv/", "data/", ".git/", "tests/fixtures/"))
+                or "__pycache__" in n]
+
+
+def test_dependency_closure_is_the_runtime_set():
+    names = {d.metadata["Name"].lower().replace("_", "-") for d in envbundle.dependency_closure()}
+    assert {"torch", "law", "luigi", "xrootd", "htcondor", "numpy", "scikit-learn", "six"} <= names
+    # test-only extras and the project itself (it is the code bundle) stay out
+    assert not names & {"pytest", "lightning", "keras", "mkdocs", "matplotlib", "ckpt-tasks"}
+
+
+@pytest.fixture(scope="module")
+def env_bundle():
+    """The environment bundle, from the cache that later submissions reuse (built once)."""
+    return envbundle.build_env_bundle(bundle.default_cache_dir())
+
+
+def test_environment_bundle_runs_from_anywhere_with_a_clean_environment(env_bundle, tmp_path):
+    assert envbundle.build_env_bundle(bundle.default_cache_dir()) == env_bundle  # cached: the same file
+    code = bundle.build_code_bundle(ROOT, tmp_path / "cache")
+    (tmp_path / "job" / "code").mkdir(parents=True)
+    subprocess.run(["tar", "-xzf", str(env_bundle.path), "-C", str(tmp_path / "job")], check=True)
+    subprocess.run(["tar", "-xzf", str(code.path), "-C", str(tmp_path / "job" / "code")], check=True)
+    probe = ("import sys, torch, law, luigi, XRootD.client, sklearn, classad2, ckpt_tasks.tasks, workflows.train\n"
+             "print('\\n'.join([sys.prefix, torch.__file__, law.__file__, ckpt_tasks.tasks.__file__, *sys.path]))")
+    out = subprocess.run([str(tmp_path / "job" / "env" / "bin" / "python"), "-c", probe], check=True,
+                         capture_output=True, text=True, cwd=tmp_path / "job",
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "job" / "code")}).stdout
+    paths = [p for p in out.splitlines() if p]
+    assert paths and all(p.startswith(str(tmp_path / "job")) for p in paths), paths
+
+
+# -- rendered job files ---------------------------------------------------------------------------
+
+def render(tmp_path, monkeypatch, *args: str) -> tuple[str, str, list[str]]:
+    """The submit file, the job script and the job's law arguments for branch 0, as law makes
+    them at submission (no pool needed)."""
+    from law.job.dashboard import NoJobDashboard
+    from luigi.cmdline_parser import CmdlineParser
+
+    import workflows.train  # noqa: F401  (registers TrainTask)
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CKPT_TASKS_BUNDLE_CACHE", str(bundle.default_cache_dir()))
+    with CmdlineParser.global_instance(["TrainTask", "--workflow", "htcondor", *args]) as parser:
+        proxy = parser.get_task_obj().workflow_proxy
+        proxy.job_file_factory = proxy.create_job_file_factory()
+        proxy.dashboard = NoJobDashboard()
+        submit = Path(proxy.create_job_file(0, [0])["job"])
+    (script,) = submit.parent.glob("job_*.sh")
+    arguments = re.search(r"^arguments = \S+ \S+ (\S+)", submit.read_text(), re.M).group(1)
+    return submit.read_text(), script.read_text(), shlex.split(base64.b64decode(arguments).decode())
+
+
+def test_bundle_route_job_script_names_no_path_of_the_submit_side(tmp_path, monkeypatch, env_bundle):
+    submit, script, _ = render(tmp_path, monkeypatch, "--software", "bundle")
+    assert "{{" not in script
+    assert str(ROOT) not in script and str(tmp_path) not in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    inputs = re.search(r"^transfer_input_files = (.*)$", submit, re.M).group(1).split(",")
+    assert str(env_bundle.path) in inputs
+    code = next(Path(p) for p in inputs if Path(p).name.startswith("code-"))
+    assert f'"{code.name}" "{code.stat().st_size}" "{bundle.sha256_of(code)}"' in script
+    assert f'"{env_bundle.path.name}" "{env_bundle.size}" "{env_bundle.sha256}"' in script
+    # the model comes back to its submit-side path
+    remaps = re.search(r'^transfer_output_remaps = "(.*)"$', submit, re.M).group(1)
+    (model,) = (tmp_path / "data").glob("TrainTask/*/branch-0")
+    assert f"{software.JOB_DATA_DIR}/TrainTask/{model.parent.name}/branch-0/model.pt = {model}/model.pt" in remaps
+    assert re.search(r"^preserve_relative_paths = true$", submit, re.M)
+    # the job's logs keep law's per-job names
+    assert re.search(r"^output = stdout_0To1\.txt$", submit, re.M), submit
+
+
+def test_shared_route_is_the_default_and_runs_the_checkout(tmp_path, monkeypatch):
+    submit, script, _ = render(tmp_path, monkeypatch)
+    assert 'software="shared"' in script and f'project="{ROOT}"' in script
+    assert "code-" not in submit and software.JOB_DATA_DIR not in submit
+
+
+def test_container_route_needs_an_image(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="container-image"):
+        render(tmp_path, monkeypatch, "--software", "container")
+
+
+def run_job_script(script: str, sandbox: Path) -> subprocess.CompletedProcess:
+    args = [base64.b64encode(a.encode()).decode() for a in ("", "0")]
+    return subprocess.run(["bash", "-c", script, "job.sh", "workflows.train", "TrainTask", *args, "1", "no", ""],
+                          cwd=sandbox, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(sandbox)})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing from the sandbox"),
+    ("truncated", "expected"),
+    ("corrupt", "sha256"),
+])
+def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage, message):
+    _, script, _ = render(tmp_path, monkeypatch, "--software", "container", "--container-image",
+                          "docker://example.org/ckpt_tasks:1")
+    code = next(bundle.default_cache_dir().glob(re.search(r'check_and_unpack "(code-[0-9a-f]+\.tar\.gz)"',
+                                                          script).group(1)))
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    if damage != "missing":
+        data = bytearray(code.read_bytes())
+        if damage == "truncated":
+            data = data[:-10]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        (sandbox / code.name).write_bytes(bytes(data))
+    result = run_job_script(script, sandbox)
+    assert result.returncode == software.SOFTWARE_EXIT_CODE, result.stdout + result.stderr
+    assert message in result.stderr and code.name in result.stderr
+    assert not (sandbox / "ckpt_software" / "code" / "law.cfg").exists()  # nothing unpacked
