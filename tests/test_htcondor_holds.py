@@ -85,3 +85,156 @@ def test_spool_mode_resumes_at_the_step_committed_at_sigterm(htcondor_pool, work
     assert timeline.interruptions[0].kind == "eviction" and timeline.interruptions[0].resumed_step == resumed
     (model,) = workdir.glob("data/TrainTask/*/branch-3/model.pt")
     assert weights_digest(model) == local_reference(tmp_path, 3, *SLOW[:4])
+
+
+# -- hold reasons, crash loops and resubmissions, without a pool ----------------------------------
+
+@pytest.mark.parametrize("code, subcode, temporary", [
+    (13, 110, True),   # input transfer: connection timed out
+    (12, 0, True),     # output transfer, no errno from the plugin
+    (13, 2, False),    # input file missing
+    (12, 13, False),   # output not writable
+    (21, 0, True),     # the machine held it
+    (47, 0, True),     # allowed_execute_duration: resumes from its checkpoint
+    (3, 86, False),    # policy expression (our crash-loop hold)
+    (34, 0, False),    # out of resources: it would meet them again
+    (46, 0, False),    # allowed_job_duration
+    (1, 0, False),     # condor_hold by a person
+    (None, None, False),
+])
+def test_hold_reasons_are_temporary_or_permanent(code, subcode, temporary):
+    from ckpt_tasks.htcondor.holds import classify_hold
+
+    hold = classify_hold(code, subcode, " why ")
+    assert hold.temporary is temporary and hold.reason == "why"
+    assert ("temporary" if temporary else "permanent, not resubmitted") in hold.describe()
+
+
+def checkpoint_by(job_id: str | None, starts: int | None, step: int = 10):
+    from ckpt_tasks.storage.store import Checkpoint
+
+    job = None if job_id is None else {"job_id": job_id, "num_job_starts": starts}
+    return Checkpoint(step=step, name="x", size=1, adler32="1", created="", path="x",
+                      metadata={"lineage": {"htcondor": job}})
+
+
+def test_starts_without_progress():
+    from ckpt_tasks.htcondor.holds import starts_without_progress
+
+    me = {"job_id": "7.0", "num_job_starts": 3}
+    assert starts_without_progress(None, None) is None
+    assert starts_without_progress({"job_id": "7.0", "num_job_starts": None}, None) is None
+    assert starts_without_progress(me, None) == 3                      # never committed
+    assert starts_without_progress(me, checkpoint_by("7.0", 1)) == 2   # committed at start 1
+    assert starts_without_progress(me, checkpoint_by("7.0", 3)) == 0   # this very start committed
+    assert starts_without_progress(me, checkpoint_by("6.0", 5)) == 3   # an earlier job's checkpoint
+    assert starts_without_progress(me, checkpoint_by(None, None)) == 3
+
+
+def test_resubmission_removes_the_old_job_first_and_skips_permanent_holds(monkeypatch):
+    from law.workflow.remote import BaseRemoteWorkflowProxy
+
+    from ckpt_tasks.htcondor.holds import CheckpointingWorkflowProxy
+
+    calls = []
+
+    class Manager:
+        def cancel(self, job_ids, silent=False):
+            calls.append(("condor_rm", sorted(job_ids)))
+
+    class JobData:
+        dummy_job_id = "dummy"
+        jobs = {1: {"job_id": "11.0", "branches": [0], "extra": {}},
+                2: {"job_id": "12.0", "branches": [1], "extra": {"hold": {
+                    "code": 34, "subcode": 0, "reason": "memory", "temporary": False}}},
+                3: {"job_id": "dummy", "branches": [2], "extra": {}}}
+
+    monkeypatch.setattr(BaseRemoteWorkflowProxy, "submit",
+                        lambda self, retry_jobs=None: calls.append(("submit", sorted(retry_jobs or {}))))
+    proxy = object.__new__(CheckpointingWorkflowProxy)
+    proxy.job_data, proxy.job_manager = JobData(), Manager()
+    proxy.submit({1: [0], 2: [1], 3: [2]})
+    # job 11.0 is removed before its branch goes in again; the permanently held 12.0 stays
+    # held and its branch is not resubmitted; a job that never got an id has nothing to remove
+    assert calls == [("condor_rm", ["11.0"]), ("submit", [1, 3])]
+    calls.clear()
+    proxy.submit(None)
+    assert calls == [("submit", [])]
+
+
+# -- a hold and a release, a crash loop held: on the pool ------------------------------------------
+
+FLAKY_SERVER = """
+import http.server, os, sys
+flag = sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # 503 until the flag file exists: a storage that is down for a while
+        body = b"hello from the input\\n"
+        self.send_response(200 if os.path.exists(flag) else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if os.path.exists(flag):
+            self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def flaky_http(tmp_path):
+    """An HTTP server on the loopback that answers 503 until ``flag`` exists."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flag = tmp_path / "up"
+    server = subprocess.Popen([sys.executable, "-c", FLAKY_SERVER, str(port), str(flag)])
+    yield port, flag
+    server.kill()
+    server.wait()
+
+
+def test_a_temporary_hold_is_pending_for_the_workflow_and_released(htcondor_pool, workdir, flaky_http):
+    import json
+    import os
+    import pwd
+
+    from ckpt_tasks.htcondor.holds import submit_commands
+
+    port, flag = flaky_http
+    jobdir = workdir / "hold"  # the jobs of the workdir are those with an Iwd below it
+    jobdir.mkdir()
+    (jobdir / "job.sh").write_text("#!/bin/bash\ncat input.txt\n")
+    (jobdir / "job.sh").chmod(0o755)
+    policy = "\n".join(f"{key} = {value}" for key, value in submit_commands(delay=1))
+    (jobdir / "job.sub").write_text(
+        f"executable = job.sh\ntransfer_input_files = http://127.0.0.1:{port}/input.txt\n"
+        f"should_transfer_files = YES\noutput = out.txt\nerror = err.txt\nlog = log.txt\n"
+        f"request_memory = 100MB\nrequest_disk = 100MB\n{policy}\nqueue\n")
+    user = pwd.getpwnam("ckptuser")
+    for path in (jobdir, *jobdir.iterdir()):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    out = pool("exec", f"cd {jobdir} && condor_submit job.sub")
+    cluster = int(re.search(r"submitted to cluster (\d+)", out).group(1))
+
+    def held():
+        return condor_jobs(workdir, "JobStatus == 5")
+
+    wait_until(held, 120, "the input transfer to fail and the job to be held")
+    codes = pool("exec", f"condor_q {cluster}.0 -af HoldReasonCode HoldReasonSubCode").split()
+    assert codes[0] == "13", codes  # a real input transfer failure (HTTP 503)
+    # the workflow's job manager reads this hold as temporary: the job is pending, not failed
+    query = pool("exec", f"cd /work/main && .venv/bin/python -c 'import json; "
+                         f"from ckpt_tasks.htcondor.workflow import CheckpointingJobManager as M; "
+                         f"print(json.dumps(M().query(\"{cluster}.0\")))'")
+    status = json.loads(query.strip().splitlines()[-1])
+    assert status["status"] == "pending" and status["extra"]["hold"]["temporary"] is True, status
+    flag.touch()  # the storage is back; periodic_release (evaluated every 60 s here) lets it run
+    wait_until(lambda: not condor_jobs(workdir), 240, "the released job to complete")
+    assert (jobdir / "out.txt").read_text() == "hello from the input\n"
+    log = (jobdir / "log.txt").read_text()
+    assert "Job was held" in log and "Job was released" in log, log

@@ -31,6 +31,7 @@ from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the co
 from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeIntParameter,  # noqa: E402
                                    PositiveIntParameter)
 from ckpt_tasks.htcondor import software as routes  # noqa: E402
+from ckpt_tasks.htcondor import holds  # noqa: E402
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
 
 #: the sandbox directory that holds a spool-mode branch's checkpoints (rendered into job.sh)
@@ -38,8 +39,9 @@ SPOOL_DIR = "ckpt_spool"
 CONFIG_SECTION = "ckpt_tasks_htcondor"
 
 
-class CheckpointingJobManager(HTCondorJobManager):
-    """law's HTCondor job manager with a status mapping that knows self-checkpointing jobs."""
+class CheckpointingJobManager(holds.HoldAwareJobManagerMixin, HTCondorJobManager):
+    """law's HTCondor job manager with a status mapping that knows self-checkpointing jobs
+    and held jobs (temporary holds pending, permanent ones failed: ckpt_tasks/htcondor/holds.py)."""
 
     # One submit file per job, which runs job.sh directly (law's grouped submission
     # goes through a wrapper of its own that would stand between HTCondor and job.sh).
@@ -87,6 +89,15 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
     request_disk = luigi.Parameter(default="2GB", significant=False,
                                    description="disk per job (HTCondor units); default: 2GB")
     request_cpus = PositiveIntParameter(default=1, significant=False, description="CPUs per job; default: 1")
+    crash_loop_starts = NonNegativeIntParameter(
+        default=3, significant=False,
+        description="a job that started this many times since its last checkpoint is held as a crash loop "
+                    "(exit 86, on_exit_hold); 0 never; default: 3")
+    hold_release_delay = NonNegativeIntParameter(
+        default=300, significant=False,
+        description="seconds before a temporary hold (transfer failure, ...) is released; default: 300")
+
+    workflow_proxy_cls = holds.CheckpointingWorkflowProxy
     software = CheckedChoiceParameter(
         default=routes.config_default(CONFIG_SECTION, "software", "shared"), choices=list(routes.ROUTES),
         significant=False, description="how jobs get the code and environment: 'shared' (same paths on the "
@@ -133,6 +144,8 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
             content.append(("request_gpus", self.request_gpus))
         # HTCondor sends SIGTERM on eviction; the job script relays it.
         content.append(("kill_sig", "SIGTERM"))
+        # Temporary holds are released, crash loops (exit 86) held: ckpt_tasks/htcondor/holds.py.
+        content.extend(holds.submit_commands(delay=self.hold_release_delay))
         if self.checkpoint_mode == "spool":
             content.append(("checkpoint_exit_code", CHECKPOINT_EXIT_CODE))
             content.append(("transfer_checkpoint_files", SPOOL_DIR))
@@ -152,3 +165,7 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
                                container_image=self.container_image,
                                cache_dir=routes.config_default(CONFIG_SECTION, "bundle_cache", "") or None)
         return config
+
+
+# In the job, before a branch trains: a crash loop exits 86 (held by on_exit_hold).
+HTCondorWorkflow.event_handler(luigi.Event.START)(holds.crash_loop_guard)
