@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from test_htcondor_workflow import (POOL_DIR, assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: F401
-                                    htcondor_pool, in_pool_env, job_logs, local_reference, pool,
+                                    htcondor_pool, in_pool_env, job_logs, local_reference, mine, pool,
                                     render_job_files, start_in_pool, workdir)
 from test_train_task import weights_digest
 
@@ -238,3 +238,35 @@ def test_a_temporary_hold_is_pending_for_the_workflow_and_released(htcondor_pool
     assert (jobdir / "out.txt").read_text() == "hello from the input\n"
     log = (jobdir / "log.txt").read_text()
     assert "Job was held" in log and "Job was released" in log, log
+
+
+def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
+    # Every start is killed (condor_vacate_job -fast) before it commits anything; the third
+    # start finds 2 starts without a checkpoint and exits 86, which the submit file holds.
+    command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
+               f"--branches 1 {' '.join(SLOW)} --store {workdir}/ckpt --crash-loop-starts 2 "
+               f"--poll-interval 0.05 --retries 1 --request-memory 500MB --request-disk 200MB")
+    runner = start_in_pool(command, workdir)
+    try:
+        for start in (1, 2):
+            (job,) = wait_until(lambda: condor_jobs(workdir, f"JobStatus == 2 && NumJobStarts >= {start}"),
+                                180, f"job start {start}")
+            pool("exec", f"condor_vacate_job -fast {job['ClusterId']}.{job['ProcId']}")
+        (job,) = wait_until(lambda: condor_jobs(workdir, "JobStatus == 5"), 240, "the crash-loop hold")
+        runner.wait(timeout=300)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    law_log = (workdir / "law.log").read_text()
+    assert runner.returncode != 0, law_log[-3000:]
+    ad = pool("exec", f"condor_q {job['ClusterId']}.{job['ProcId']} -af HoldReasonCode HoldReasonSubCode "
+                      f"NumJobStarts").split()
+    assert ad[:2] == ["3", "86"] and int(ad[2]) >= 3, ad
+    # reported with the reason, and never submitted again (one job in the queue and history)
+    assert "crash loop" in law_log and "permanent, not resubmitted" in law_log, law_log[-3000:]
+    clusters = pool("exec", f"condor_history -constraint '{mine(workdir)}' -af ClusterId; "
+                            f"condor_q -allusers -constraint '{mine(workdir)}' -af ClusterId").split()
+    assert set(clusters) == {str(job["ClusterId"])}, clusters
+    # the job said why, in its own output
+    outputs = "".join(path.read_text(errors="replace") for path in workdir.glob("data/htcondor/TrainTask/*/std*"))
+    assert "crash loop: job" in outputs and "started 2 times without committing" in outputs, outputs[-3000:]
