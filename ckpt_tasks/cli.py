@@ -7,7 +7,7 @@ import logging
 import sys
 
 import ckpt_tasks
-from ckpt_tasks import history, watch
+from ckpt_tasks import history, status, watch
 from ckpt_tasks.errors import CkptTasksError, VerificationError
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch.add_parser(commands)
     history.add_parser(commands)
+    status.add_parser(commands)
     return parser
 
 
