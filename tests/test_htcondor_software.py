@@ -13,7 +13,9 @@ submit file passes ``condor_submit -dry-run``.
 from __future__ import annotations
 
 import base64
+import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -195,3 +197,117 @@ def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage
     assert result.returncode == software.SOFTWARE_EXIT_CODE, result.stdout + result.stderr
     assert message in result.stderr and code.name in result.stderr
     assert not (sandbox / "ckpt_software" / "code" / "law.cfg").exists()  # nothing unpacked
+
+
+# -- on the real pool ----------------------------------------------------------------------------
+
+from test_htcondor_workflow import (htcondor_pool, in_pool_env, job_logs, local_reference,  # noqa: E402,F401
+                                    pool, start_in_pool, workdir)
+from test_train_task import weights_digest  # noqa: E402
+
+from helpers import isolated_pool  # noqa: E402
+
+POOL_DIR = Path(os.environ.get("CKPT_TASKS_POOL_DIR", "/var/cache/ckpt_tasks/htcondor-pool"))
+POOL_SH = ROOT / "scripts" / "htcondor_pool.sh"
+TRAIN = ("--epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def isolated(htcondor_pool):
+    """Isolated jobs in the pool, and the paths they must not see: the checkout (with its
+    venv and the submit side's data) and the installation the venv's Python comes from."""
+    isolated_pool.install(POOL_SH, POOL_DIR)
+    base = Path(subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import sys; print(sys.base_prefix)"],
+                               capture_output=True, text=True, check=True).stdout.strip()).resolve()
+    hidden = [ROOT, base.parents[1] if base.parent.name == "versions" else base]
+    return hidden
+
+
+def submit_probe(workdir: Path, script: str) -> str:
+    """Run ``script`` as an isolated job submitted from ``workdir``; its stdout and stderr."""
+    (workdir / "probe.sh").write_text("#!/bin/sh\n" + script)
+    (workdir / "probe.sub").write_text(
+        f"executable = probe.sh\n+{isolated_pool.ISOLATED_ATTRIBUTE} = true\noutput = probe.out\n"
+        "error = probe.out\nlog = probe.log\nshould_transfer_files = YES\nrequest_memory = 50MB\n"
+        "request_disk = 10MB\nqueue\n")
+    os.chmod(workdir / "probe.sh", 0o755)
+    user = pwd.getpwnam("ckptuser")
+    for name in ("probe.sh", "probe.sub"):
+        os.chown(workdir / name, user.pw_uid, user.pw_gid)
+    pool("exec", f"cd {workdir} && condor_submit probe.sub && condor_wait -wait 120 probe.log", timeout=180)
+    return (workdir / "probe.out").read_text()
+
+
+def test_isolated_jobs_cannot_read_the_checkout_or_the_venvs_python(isolated, workdir):
+    with isolated_pool.denied(isolated):
+        out = submit_probe(workdir, "id -un; for p in \"$@\" " + " ".join(map(str, isolated)) +
+                           "; do ls \"$p\" >/dev/null 2>&1 && echo \"sees $p\" || echo \"blind $p\"; done\n")
+    assert out.splitlines()[0] == isolated_pool.ISOLATED_USER, out
+    for path in isolated:
+        assert f"blind {path}" in out, out
+
+
+@pytest.mark.xrootd
+def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_side(
+        isolated, workdir, tmp_path, make_xrootd_server):
+    server = make_xrootd_server()
+    user = pwd.getpwnam("ckptuser")
+    cache = ROOT / ".pool-tmp" / "bundle-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.chown(cache, user.pw_uid, user.pw_gid)
+    # The environment bundle built here is the one the pool's law would build (same venv):
+    # put it in the pool's cache so that the test does not build it twice.
+    env = envbundle.build_env_bundle(bundle.default_cache_dir())
+    for source in (env.path, env.path.with_name(env.path.name + ".sha256")):
+        if not (cache / source.name).exists():
+            shutil.copy2(source, cache / source.name)
+    # The route comes from law.cfg, as a site would set it.
+    config = re.sub(r"^software: .*$", f"software: bundle\nbundle_cache: {cache}\n"
+                    f"+{isolated_pool.ISOLATED_ATTRIBUTE}: true", (ROOT / "law.cfg").read_text(), flags=re.M)
+    assert "software: bundle" in config
+    (workdir / "law.cfg").write_text(config)
+    command = (in_pool_env(workdir) + f"export LAW_CONFIG_FILE={workdir}/law.cfg; law index --quiet && "
+               f"law run TrainTask --workflow htcondor --branches 0 {' '.join(TRAIN)} "
+               f"--store {server.url}//ckpt --poll-interval 0.5 --retries 0 "
+               f"--request-memory 2GB --request-disk 4GB")
+    with isolated_pool.denied(isolated):
+        runner = start_in_pool(command, workdir)
+        try:
+            runner.wait(timeout=540)
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+    law_log = (workdir / "law.log").read_text()
+    assert runner.returncode == 0, law_log[-5000:]
+    log = job_logs(workdir)[0]
+    unpacked = re.search(r"software \(bundle\) checked and unpacked in ([\d.]+) s", log)
+    assert unpacked, log[-3000:]
+    logging.getLogger(__name__).info("bundle route: bundles checked and unpacked in %s s in the job",
+                                     unpacked.group(1))
+    (model,) = workdir.glob("data/TrainTask/*/branch-0/model.pt")
+    assert weights_digest(model) == local_reference(tmp_path, 0, *TRAIN)
+    # the checkpoints went to the store, not to the submit side
+    assert list(server.data_dir.glob("ckpt/TrainTask/*/branch-0/*.json"))
+
+
+def test_container_route_submit_file_passes_condor_submit_dry_run(htcondor_pool, workdir):
+    """HTCondor parses the container route's submit file: container universe, the image, the
+    code bundle as input; Apptainer and Docker are not installed here, so nothing runs."""
+    image = "docker://registry.example.org/ckpt_tasks:1"
+    script = (in_pool_env(workdir) + f"export CKPT_TASKS_BUNDLE_CACHE={workdir}/cache; python - <<'EOF'\n"
+              "from workflows.train import TrainTask\n"
+              "from luigi.cmdline_parser import CmdlineParser\n"
+              "from law.job.dashboard import NoJobDashboard\n"
+              "with CmdlineParser.global_instance(['TrainTask', '--workflow', 'htcondor']):\n"
+              f"    task = TrainTask(workflow='htcondor', software='container', container_image='{image}')\n"
+              "    proxy = task.workflow_proxy\n"
+              "    proxy.job_file_factory = proxy.create_job_file_factory()\n"
+              "    proxy.dashboard = NoJobDashboard()\n"
+              "    print('JOBFILE', proxy.create_job_file(0, [0])['job'])\n"
+              "EOF\n")
+    (job_file,) = re.findall(r"JOBFILE (\S+)", pool("exec", script))
+    ad = dict(re.findall(r"^(\w+) ?= ?(.*)$", pool("exec", f"cd {os.path.dirname(job_file)} && "
+                                                           f"condor_submit -dry-run - {job_file}"), re.M))
+    assert ad["ContainerImage"] == f'"{image}"' and ad["WantContainer"] == "true", ad
+    assert re.search(r"code-[0-9a-f]{16}\.tar\.gz", ad["TransferInput"]) and "env-" not in ad["TransferInput"]
+    assert "ckpt_data/TrainTask/" in ad["TransferOutput"] and "model.pt" in ad["TransferOutputRemaps"]

@@ -80,9 +80,11 @@ def dependency_closure(requirements=RUNTIME_REQUIREMENTS) -> list[metadata.Distr
 
 
 def environment_key(dists: list[metadata.Distribution]) -> str:
-    """A hash of the dependency set: names and versions, the Python version and the platform."""
+    """A hash of the dependency set: names and versions, the Python build and the platform (not
+    the C library that runs this process: the same venv gives the same bundle on any host)."""
     lines = [f"recipe {RECIPE}", f"python {platform.python_version()} {sys.implementation.name}",
-             f"platform {sysconfig.get_platform()} {platform.libc_ver()}"]
+             f"build {sys.base_prefix} {sysconfig.get_config_var('SOABI')}",
+             f"platform {sysconfig.get_platform()}"]
     lines += sorted(f"{canonicalize_name(d.metadata['Name'])}=={d.version}" for d in dists)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
@@ -145,3 +147,17 @@ def build_env_bundle(cache_dir: Path | None = None, requirements=RUNTIME_REQUIRE
     logger.info("environment bundle %s built: %d distributions, %d files, %.0f MB, %.0f s", target.name,
                 len(dists), len(members), bundle.size / 1e6, time.monotonic() - started)
     return bundle
+
+
+def pinned_requirements(requirements=RUNTIME_REQUIREMENTS) -> list[str]:
+    """``name==version`` of every distribution the environment bundle ships, sorted: the pins
+    of the container definition (containers/requirements.txt), so both routes run the same set."""
+    return sorted(f"{canonicalize_name(d.metadata['Name'])}=={d.version}" for d in dependency_closure(requirements))
+
+
+if __name__ == "__main__":
+    # containers/requirements.txt: the header lines, then the pins of this environment
+    print("# The run-time dependencies of ckpt_tasks' jobs, pinned to what the environment bundle ships")
+    print("# (regenerate: python -m ckpt_tasks.htcondor.envbundle > containers/requirements.txt).")
+    print("--extra-index-url https://download.pytorch.org/whl/cpu")
+    print("\n".join(pinned_requirements()))
