@@ -270,3 +270,47 @@ def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
     # the job said why, in its own output
     outputs = "".join(path.read_text(errors="replace") for path in workdir.glob("data/htcondor/TrainTask/*/std*"))
     assert "crash loop: job" in outputs and "started 2 times without committing" in outputs, outputs[-3000:]
+
+
+def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, workdir):
+    import json
+
+    command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
+               f"--branches 0,1,2,3 --epochs 3 --checkpoint-every 10 --store {workdir}/ckpt "
+               f"--poll-interval 0.05 --retries 1 --request-memory 500MB --request-disk 200MB")
+    runner = start_in_pool(command, workdir)
+    try:
+        def submitted():
+            for path in workdir.glob("data/htcondor/TrainTask/*/htcondor_jobs_*.json"):
+                jobs = json.loads(path.read_text()).get("jobs", {}).values()
+                ids = {b: j["job_id"] for j in jobs for b in j["branches"] if re.match(r"\d+\.\d", str(j["job_id"]))}
+                if len(ids) == 4:
+                    return ids
+            return None
+
+        ids = wait_until(submitted, 180, "four submitted jobs")
+        pool("exec", f"condor_hold {ids[3]}")
+        wait_until(lambda: [j["JobStatus"] for j in condor_jobs(workdir)] == [5], 300,
+                   "branches 0-2 done, branch 3 held")
+        (jobs_dir,) = {p.parent for p in workdir.glob("data/htcondor/TrainTask/*/htcondor_jobs_*.json")}
+        (location,) = workdir.glob("ckpt/TrainTask/*")
+        out = pool("exec", f"cd /work/main && .venv/bin/python -m ckpt_tasks.cli status {location} "
+                           f"--jobs {jobs_dir} --total 135 --json")
+        text = pool("exec", f"cd /work/main && .venv/bin/python -m ckpt_tasks.cli status {location} "
+                            f"--jobs {jobs_dir} --total 135")
+        runner.wait(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    rows = {row["branch"]: row for row in json.loads(out)}
+    assert sorted(rows) == [0, 1, 2, 3], out
+    for branch in (0, 1, 2):
+        # the newest checkpoint is the last one before the training's end (135 steps)
+        assert rows[branch]["step"] >= 130 and rows[branch]["job_state"] == "completed", rows[branch]
+        assert rows[branch]["job_id"] == ids[branch] and rows[branch]["goodput"] is not None
+    held = rows[3]
+    assert held["job_state"] == "held" and held["hold_temporary"] is False, held
+    assert "condor_hold" in held["hold_reason"] and "code 1/" in held["hold_reason"], held
+    assert "/135 (9" in text and "held by the user" in text, text
+    # the workflow did not resubmit the held branch: its only job is still the held one
+    assert [f"{j['ClusterId']}.{j['ProcId']}" for j in condor_jobs(workdir)] == [ids[3]]
