@@ -167,11 +167,52 @@ def test_container_route_needs_an_image(tmp_path, monkeypatch):
         render(tmp_path, monkeypatch, "--software", "container")
 
 
-def run_job_script(script: str, sandbox: Path) -> subprocess.CompletedProcess:
+def run_job_script(script: str, sandbox: Path, path: str = "/usr/bin:/bin") -> subprocess.CompletedProcess:
     args = [base64.b64encode(a.encode()).decode() for a in ("", "0")]
     return subprocess.run(["bash", "-c", script, "job.sh", "workflows.train", "TrainTask", *args, "1", "no", ""],
                           cwd=sandbox, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(sandbox)})
+                          env={"PATH": path, "_CONDOR_SCRATCH_DIR": str(sandbox)})
+
+
+def container_job(tmp_path, monkeypatch, python3: str) -> tuple[str, Path, str]:
+    """The container route's job script, a sandbox holding its code bundle as transferred,
+    and a PATH whose ``python3`` (the image's Python) is the shell script ``python3``."""
+    _, script, _ = render(tmp_path, monkeypatch, "--software", "container", "--container-image",
+                          "docker://example.org/ckpt_tasks:1")
+    name = re.search(r'check_and_unpack "(code-[0-9a-f]+\.tar\.gz)"', script).group(1)
+    sandbox, image_bin = tmp_path / "sandbox", tmp_path / "image-bin"
+    sandbox.mkdir()
+    image_bin.mkdir()
+    shutil.copy(bundle.default_cache_dir() / name, sandbox / name)
+    (image_bin / "python3").write_text("#!/bin/sh\n" + python3)
+    (image_bin / "python3").chmod(0o755)
+    return script, sandbox, f"{image_bin}:/usr/bin:/bin"
+
+
+def test_job_names_an_environment_that_cannot_import_torch(tmp_path, monkeypatch):
+    script, sandbox, path = container_job(
+        tmp_path, monkeypatch, "echo \"ModuleNotFoundError: No module named 'torch'\" >&2; exit 1\n")
+    result = run_job_script(script, sandbox, path)
+    assert result.returncode == software.SOFTWARE_EXIT_CODE, result.stdout + result.stderr
+    assert "cannot import torch, law and luigi" in result.stderr and "No module named 'torch'" in result.stderr
+
+
+def test_job_restarted_in_its_sandbox_reuses_the_unpacked_code(tmp_path, monkeypatch):
+    """An exit-85 restart runs job.sh again in the same sandbox, where the bundle is gone."""
+    script, sandbox, path = container_job(tmp_path, monkeypatch, 'echo "python3 $*" >> "$PWD/calls.txt"\n')
+    for run in (1, 2):
+        result = run_job_script(script, sandbox, path)
+        assert result.returncode == 0, f"run {run}:\n{result.stdout}{result.stderr}"
+    assert not list(sandbox.glob("code-*.tar.gz"))
+    assert (sandbox / "ckpt_software" / "code" / "law.cfg").is_file()
+    runs = [line for line in (sandbox / "calls.txt").read_text().splitlines() if " -m law run " in line]
+    assert len(runs) == 2 and all("--branch=0" in line for line in runs), runs
+
+
+def test_container_requirements_pin_what_the_environment_bundle_ships():
+    pins = [line for line in (ROOT / "containers" / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith(("#", "-"))]
+    assert pins == envbundle.pinned_requirements()
 
 
 @pytest.mark.parametrize("damage, message", [

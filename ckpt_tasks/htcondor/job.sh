@@ -26,6 +26,9 @@ fail_input() {
 # check_and_unpack FILE SIZE SHA256 DIR: the bundle as HTCondor transferred it, size and
 # checksum checked before a byte of it is unpacked.
 check_and_unpack() {
+    # An in-place restart (exit 85 in spool mode) finds the tree unpacked, the bundle removed.
+    local marker="$4/.unpacked-$3"
+    [ -f "${marker}" ] && return 0
     [ -f "$1" ] || fail_input "$1" "missing from the sandbox (not transferred)"
     local size sha
     size="$(stat -c %s "$1")"
@@ -34,6 +37,7 @@ check_and_unpack() {
     [ "${sha}" = "$3" ] || fail_input "$1" "sha256 ${sha}, expected $3 (corrupt)"
     mkdir -p "$4"
     tar -xzf "$1" -C "$4" || fail_input "$1" "cannot be unpacked"
+    touch "${marker}"
     rm -f "$1"  # the unpacked tree is what counts; spare the sandbox the copy
 }
 
