@@ -25,7 +25,7 @@ CHECKPOINT_EXIT_CODE = 85
 EXIT_CHECKPOINT_FAILED = 1
 #: the exit code when the storage refused the job's credential (expired, revoked, lacking a
 #: permission): no restart can fix that, the HTCondor workflow holds the job with a reason
-EXIT_CREDENTIAL_REFUSED = 86
+EXIT_CREDENTIAL_REFUSED = 88
 #: the signals that ask a training to stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
