@@ -26,7 +26,9 @@ Seed mode, unchanged from the seed project except for the import::
     trainer.fit(model, ckpt_path=callback.restore())
 
 It checkpoints at every epoch end (``checkpoint_every`` counts epochs) through the
-seed's transfer modes.
+seed's transfer modes, and, as the seed's, transfers ``local_checkpoint_file`` again
+whenever Lightning saves a checkpoint. It runs under ``pytorch_lightning.Trainer``
+(the seed's imports) as under ``lightning.pytorch.Trainer``.
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ class LightningCheckpointerCallback(pl.Callback):
     # -- the seed's API ---------------------------------------------------------------------------
 
     def restore(self) -> Path | None:
-        """The local path of the newest checkpoint, for ``trainer.fit(..., ckpt_path=)``; None if none.
+        """The local path (a ``pathlib.Path``, as the seed's) of the newest checkpoint, for
+        ``trainer.fit(..., ckpt_path=)``; None if none.
 
         Raises when the storage does not answer (never taken for "no checkpoint"), and
         refuses a checkpoint made with other ``params``.
