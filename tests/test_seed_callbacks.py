@@ -149,6 +149,16 @@ def test_keras_resumes_the_seeds_checkpoint_zip_from_the_storage(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(start.at_start, expected))
 
 
+def test_keras_resumes_the_seeds_checkpoint_zip_in_the_backup_directory(tmp_path):
+    expected = _keras_backup(tmp_path / "backup", stop_epoch=1)
+    _seed_zip(tmp_path / "backup")
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        (tmp_path / "backup" / name).unlink()  # only the seed's archive is left
+    model, start = _model(seed=5), Weights()
+    assert _fit(model, KerasCheckpointerCallback(tmp_path / "backup"), epochs=3, extra=[start]).epoch == [1, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(start.at_start, expected))
+
+
 def test_keras_refuses_a_checkpoint_zip_it_cannot_read_and_names_it(tmp_path):
     backup = tmp_path / "backup"
     backup.mkdir()
