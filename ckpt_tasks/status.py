@@ -157,7 +157,7 @@ def format_status(rows: list[BranchStatus]) -> str:
     lines = [header]
     for row in rows:
         step = "-" if row.step is None else str(row.step)
-        if row.total:
+        if row.total and row.step is not None:
             step += f"/{row.total} ({100 * (row.step or 0) / row.total:.0f}%)"
         age = "-" if row.checkpoint_age is None else _duration(row.checkpoint_age) + " ago"
         lines.append(f"{row.branch:>6}  {step:>14}  {age:>9}  {row.job_id or '-':>8}  {row.job_state or '-':11}  "
