@@ -6,6 +6,7 @@ point, checkpoints into its own location and resumes from it::
 
     law run TrainTask --branch 0                 # one branch, here
     law run TrainTask --branch 0 --print-status 0
+    law run TrainTask --branch 0 --ranks 2       # one branch on 2 ranks (DDP) in one job
     law run TrainTask --workflow local           # every branch, one after the other
     law run TrainTask --workflow htcondor        # every branch as an HTCondor job
 """
@@ -18,6 +19,8 @@ import law
 import luigi
 
 from ckpt_tasks.fingerprint import parameter_fingerprint
+from ckpt_tasks.distributed.sampler import rank_order
+from ckpt_tasks.distributed.task import RanksMixin
 from ckpt_tasks.htcondor.workflow import HTCondorWorkflow
 from ckpt_tasks.parameters import CheckedChoiceParameter, NonNegativeFloatParameter, PositiveIntParameter
 from ckpt_tasks.state import TrainingState
@@ -59,7 +62,7 @@ def build_model(hidden: int):
     )
 
 
-class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
+class TrainTask(RanksMixin, CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
     """Train the digits classifier of one hyperparameter point (branch) with checkpoints."""
 
     version = luigi.Parameter(default="v1", description="output version; default: v1")
@@ -102,7 +105,8 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
 
     def steps_per_epoch(self) -> int:
         n_train = 1797 - int(1797 * TEST_FRACTION)
-        return -(-n_train // self.batch_size)
+        per_rank = -(-n_train // self.ranks)  # each rank trains on its share (--ranks)
+        return -(-per_rank // self.batch_size)
 
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch()
@@ -125,6 +129,8 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
         run continues exactly the order it was in."""
         import torch
 
+        if self.ranks > 1:
+            return rank_order(len(self._data[1]), self.branch_data["seed"], epoch, self.rank_info.rank, self.ranks)
         generator = torch.Generator().manual_seed(self.branch_data["seed"] * 100_003 + epoch)
         return torch.randperm(len(self._data[1]), generator=generator)
 
@@ -134,11 +140,12 @@ class TrainTask(CheckpointedTask, law.LocalWorkflow, HTCondorWorkflow):
         x_train, y_train, _, _ = self._data
         model, optimizer, scheduler = (state.objects[k] for k in ("model", "optimizer", "scheduler"))
         model.train()
+        forward = self.parallel(model)  # DDP on several ranks
         while state.epoch < self.epochs:
             order = self.batch_order(state.epoch).to(x_train.device)
             for start in range(state.batch * self.batch_size, len(order), self.batch_size):
                 index = order[start:start + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(model(x_train[index]), y_train[index])
+                loss = torch.nn.functional.cross_entropy(forward(x_train[index]), y_train[index])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
