@@ -7,14 +7,20 @@ What it changes in law's stock workflow:
 - the job manager (``CheckpointingJobManager``) reads a job that is idle or
   running again, transferring output (JobStatus 6) or suspended (7) as alive,
   whatever exit code an earlier run of it left, so no branch is resubmitted
-  while it still runs;
+  while it still runs; a held job is pending while its hold is temporary and
+  failed, with its reason, when permanent (``holds.py``);
+- the workflow proxy removes the old job before any resubmission and resubmits
+  no permanently held one; the submit file releases temporary holds
+  (``periodic_release``) and holds crash loops (exit 86, ``on_exit_hold``);
 - job completeness is checked on the branch outputs, not trusted from exit 0;
 - two checkpoint modes (``--checkpoint-mode``):
   ``store``: checkpoints go to the task's store (XRootD or a shared path); an
   evicted job goes back to idle, restarts and resumes from the store;
   ``spool``: checkpoints stay in the job's sandbox and HTCondor itself moves them
   (``checkpoint_exit_code``, ``transfer_checkpoint_files``); the training exits
-  with 85 every ``--checkpoint-exit-interval`` seconds so HTCondor spools them.
+  with 85 every ``--checkpoint-exit-interval`` seconds so HTCondor spools them;
+  the checkpoint committed at SIGTERM comes back at eviction (``ON_EXIT_OR_EVICT``
+  with the spool directory as output) into the next sandbox.
 """
 from __future__ import annotations
 
