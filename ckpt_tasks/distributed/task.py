@@ -74,6 +74,10 @@ class RanksMixin:
             params["ranks"] = self.ranks
         return params
 
+    def rank_backend(self) -> str | None:
+        """torch.distributed's backend: gloo for ``--device cpu``, else the default (NCCL on CUDA)."""
+        return "gloo" if getattr(self, "device", None) == "cpu" else None
+
     def parallel(self, model: Any) -> Any:
         """``model`` wrapped for data-parallel training on several ranks (itself on one)."""
         if self.rank_info.world_size == 1:
@@ -99,7 +103,7 @@ class RanksMixin:
         from ckpt_tasks.distributed.checkpointer import DistributedCheckpointer
         from ckpt_tasks.distributed.ranks import init_ranks
 
-        self.rank_info = init_ranks(timeout=self.rank_timeout)
+        self.rank_info = init_ranks(self.rank_backend(), timeout=self.rank_timeout)
         state = self.create_state()
         checkpointer = DistributedCheckpointer(
             self.checkpoint_store(), state, params=self.checkpoint_params(),
