@@ -7,8 +7,8 @@ submit side in the bundle route) and its checks of a bundle before unpacking.
 
 With the pool (tests/helpers/isolated_pool.py): a bundle-route branch whose job runs as
 an account that cannot read the checkout or the venv's Python, finishes, and its model
-comes back to the submit side by HTCondor's output transfer; the container route's
-submit file passes ``condor_submit -dry-run``.
+comes back to the submit side by HTCondor's output transfer; a corrupt bundle holds its
+job with the reason; the container route's submit file passes ``condor_submit -dry-run``.
 """
 from __future__ import annotations
 
@@ -148,10 +148,9 @@ def test_bundle_route_job_script_names_no_path_of_the_submit_side(tmp_path, monk
     assert f'"{code.name}" "{code.stat().st_size}" "{bundle.sha256_of(code)}"' in script
     assert f'"{env_bundle.path.name}" "{env_bundle.size}" "{env_bundle.sha256}"' in script
     # the model comes back to its submit-side path
-    remaps = re.search(r'^transfer_output_remaps = "(.*)"$', submit, re.M).group(1)
-    (model,) = (tmp_path / "data").glob("TrainTask/*/branch-0")
-    assert f"{software.JOB_DATA_DIR}/TrainTask/{model.parent.name}/branch-0/model.pt = {model}/model.pt" in remaps
-    assert re.search(r"^preserve_relative_paths = true$", submit, re.M)
+    remaps = re.search(r'^transfer_output_remaps = "(.*)"$', submit, re.M).group(1).split(" ; ")
+    assert f"{software.JOB_DATA_DIR} = {tmp_path / 'data'}" in remaps, remaps
+    assert re.search(rf"^transfer_output_files = {software.JOB_DATA_DIR}$", submit, re.M)
     # the job's logs keep law's per-job names
     assert re.search(r"^output = stdout_0To1\.txt$", submit, re.M), submit
 
@@ -245,6 +244,7 @@ def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage
 from test_htcondor_workflow import (htcondor_pool, in_pool_env, job_logs, local_reference,  # noqa: E402,F401
                                     pool, start_in_pool, workdir)
 from test_train_task import weights_digest  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from helpers import isolated_pool  # noqa: E402
 
@@ -351,4 +351,47 @@ def test_container_route_submit_file_passes_condor_submit_dry_run(htcondor_pool,
                                                            f"condor_submit -dry-run - {job_file}"), re.M))
     assert ad["ContainerImage"] == f'"{image}"' and ad["WantContainer"] == "true", ad
     assert re.search(r"code-[0-9a-f]{16}\.tar\.gz", ad["TransferInput"]) and "env-" not in ad["TransferInput"]
-    assert "ckpt_data/TrainTask/" in ad["TransferOutput"] and "model.pt" in ad["TransferOutputRemaps"]
+    assert ad["TransferOutput"] == '"ckpt_data"' and "ckpt_data = " in ad["TransferOutputRemaps"], ad
+
+
+def test_a_corrupt_bundle_holds_the_job_with_the_reason(htcondor_pool, workdir):
+    """A bundle whose bytes changed after submission: the job checks it, exits 87 and HTCondor
+    holds it (code 3, subcode 87) with a reason, instead of running it again."""
+    cache = workdir / "cache"
+    cache.mkdir()
+    env = envbundle.build_env_bundle(bundle.default_cache_dir())
+    for source in (env.path, env.path.with_name(env.path.name + ".sha256")):
+        os.link(source, cache / source.name)  # read-only use; no 300 MB copy
+    user = pwd.getpwnam("ckptuser")
+    os.chown(cache, user.pw_uid, user.pw_gid)
+    script = (in_pool_env(workdir) + f"export CKPT_TASKS_BUNDLE_CACHE={cache}; python - <<'EOF'\n"
+              "from workflows.train import TrainTask\n"
+              "from luigi.cmdline_parser import CmdlineParser\n"
+              "from law.job.dashboard import NoJobDashboard\n"
+              "with CmdlineParser.global_instance(['TrainTask', '--workflow', 'htcondor']):\n"
+              "    task = TrainTask(workflow='htcondor', software='bundle', request_disk='4GB')\n"
+              "    proxy = task.workflow_proxy\n"
+              "    proxy.job_file_factory = proxy.create_job_file_factory()\n"
+              "    proxy.dashboard = NoJobDashboard()\n"
+              "    print('JOBFILE', proxy.create_job_file(0, [0])['job'])\n"
+              "EOF\n")
+    (job_file,) = re.findall(r"JOBFILE (\S+)", pool("exec", script))
+    (code,) = cache.glob("code-*.tar.gz")
+    data = bytearray(code.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    code.write_bytes(bytes(data))
+    out = pool("exec", f"cd {os.path.dirname(job_file)} && condor_submit {job_file}")
+    cluster = re.search(r"submitted to cluster (\d+)", out).group(1)
+    try:
+        def held():
+            ad = pool("exec", f"condor_q {cluster} -af JobStatus HoldReasonCode HoldReasonSubCode").split()
+            return ad if ad and ad[0] == "5" else None
+
+        ad = wait_until(held, 120, "the job to be held")
+        reason = pool("exec", f"condor_q {cluster} -af HoldReason")
+    finally:
+        pool("exec", f"condor_rm {cluster}", check=False)
+    assert ad[1:] == ["3", str(software.SOFTWARE_EXIT_CODE)], ad
+    assert "software is unusable" in reason, reason
+    (stderr,) = (workdir / "data" / "htcondor").glob("TrainTask/*/stderr_0To1.txt")
+    assert f"software bundle {code.name}: sha256" in stderr.read_text()

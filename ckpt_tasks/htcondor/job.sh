@@ -50,6 +50,10 @@ case "${software}" in
         ;;
     bundle | container)
         started=$(date +%s.%N)
+        # Outputs go into the sandbox; HTCondor brings the directory back to the submit side
+        # (made first: it is an output even of a job that fails here).
+        export CKPT_TASKS_DATA="${sandbox}/{{ckpt_job_data_dir}}"
+        mkdir -p "${CKPT_TASKS_DATA}"
         project="${sandbox}/ckpt_software/code"
         check_and_unpack "{{ckpt_code_bundle}}" "{{ckpt_code_bundle_size}}" "{{ckpt_code_bundle_sha256}}" "${project}"
         if [ "${software}" = bundle ]; then
@@ -59,9 +63,6 @@ case "${software}" in
         else
             python="$(command -v python3)" || fail_input "image" "has no python3 on PATH"
         fi
-        # Outputs go into the sandbox; HTCondor brings them back to the submit side.
-        export CKPT_TASKS_DATA="${sandbox}/{{ckpt_job_data_dir}}"
-        mkdir -p "${CKPT_TASKS_DATA}"
         echo "ckpt_tasks job: software (${software}) checked and unpacked in" \
              "$(echo "$(date +%s.%N) - ${started}" | awk '{printf "%.1f", $1 - $3}') s"
         ;;

@@ -15,7 +15,8 @@
 Without a shared file system a local output file written on the worker would stay there:
 in the bundle and container routes the job writes ``$CKPT_TASKS_DATA`` into its sandbox
 (``ckpt_data``) and every local output of its branches comes back to the submit side's
-path by HTCondor's output transfer (``transfer_output_remaps``).
+path by HTCondor's output transfer (the directory, remapped onto the submit side's
+``$CKPT_TASKS_DATA``).
 """
 from __future__ import annotations
 
@@ -73,37 +74,61 @@ def ship_bundles(config, root: str, route: str, cache_dir: str | None) -> None:
 
 
 def bring_back_outputs(config, workflow, branches, data_dir: str) -> None:
-    """Every local file output of ``branches`` under the submit side's ``data_dir`` is written
-    by the job under ``ckpt_data/`` and transferred back to its path on exit."""
-    remaps = {}
+    """The job's ``ckpt_data/`` (its ``$CKPT_TASKS_DATA``) comes back into the submit side's
+    ``data_dir`` on exit, merged into it: every local output of ``branches`` lands at its path.
+
+    The directory, not the output files, is listed: it always exists, so a job that fails
+    before writing its outputs is not held for a missing output file (hold code 12)."""
+    local = 0
     for branch in branches:
         for target in law.util.flatten(workflow.as_branch(branch).output()):
             if not isinstance(target, law.LocalFileTarget):
                 continue
-            path = os.path.abspath(target.path)
-            if os.path.commonpath([path, data_dir]) != data_dir:
+            if os.path.commonpath([os.path.abspath(target.path), data_dir]) != data_dir:
                 logger.warning("output %s lies outside $CKPT_TASKS_DATA (%s): it will not come back "
-                               "from the job", path, data_dir)
+                               "from the job", target.path, data_dir)
                 continue
-            remaps[f"{JOB_DATA_DIR}/{os.path.relpath(path, data_dir)}"] = path
-    if not remaps:
+            local += 1
+    if not local:
         return
-    for path in remaps.values():
-        os.makedirs(os.path.dirname(path), exist_ok=True)  # HTCondor writes into existing dirs only
+    os.makedirs(data_dir, exist_ok=True)
     # One transfer_output_files line: a list added before (the spool directory) joins ours.
     for entry in list(config.custom_content):
         if isinstance(entry, tuple) and entry[0] == "transfer_output_files":
             config.custom_content.remove(entry)
-            remaps.update({name.strip(): name.strip() for name in str(entry[1]).split(",")})
-    config.output_files.update(remaps)
-    # Sandbox-relative names as keys of the remaps, not flattened basenames.
-    config.custom_content.append(("preserve_relative_paths", "true"))
-    # law would rename outputs by the job's postfix (model_0To1.pt) on both sides; the outputs
-    # keep their names, the job's logs get the postfix here, as law would give it.
+            config.output_files.update({n.strip(): n.strip() for n in str(entry[1]).split(",")})
+    config.output_files[JOB_DATA_DIR] = data_dir
+    # law would rename output files by the job's postfix (ckpt_data_0To1) on both sides; the
+    # directory keeps its name, the job's logs get the postfix here, as law would give it.
     config.postfix_output_files = False
     for attr in ("log", "stdout", "stderr", "custom_log_file"):
         if config[attr] and config.postfix:
             config[attr] = BaseJobFileFactory.postfix_output_file(config[attr], config.postfix)
+
+
+SOFTWARE_HOLD_REASON = ("ckpt_tasks: the job's software is unusable (a bundle missing, truncated or corrupt, "
+                        "or a Python that cannot import torch, law and luigi); the job's stderr names the cause")
+
+
+def hold_unusable_software(content: list) -> None:
+    """Exit 87 holds the job (``on_exit_hold``: code 3, subcode 87, with a reason) instead of
+    letting it run again; joined with any ``on_exit_hold`` already in ``content``."""
+    mine = f"ExitCode =?= {SOFTWARE_EXIT_CODE}"
+    new = {"on_exit_hold": mine, "on_exit_hold_reason": f'"{SOFTWARE_HOLD_REASON}"',
+           "on_exit_hold_subcode": str(SOFTWARE_EXIT_CODE)}
+    index = {entry[0]: i for i, entry in enumerate(content) if isinstance(entry, tuple)}
+    if "on_exit_hold" not in index:
+        content.extend(new.items())
+        return
+    # One command of each: the other hold (holds.py's crash loop) keeps its reason and subcode.
+    old = {key: str(content[index[key]][1]) for key in new if key in index}
+    content[index["on_exit_hold"]] = ("on_exit_hold", f"({old['on_exit_hold']}) || ({mine})")
+    for key in ("on_exit_hold_reason", "on_exit_hold_subcode"):
+        value = f"ifThenElse({mine}, {new[key]}, {old[key]})" if key in old else new[key]
+        if key in index:
+            content[index[key]] = (key, value)
+        else:
+            content.append((key, value))
 
 
 def configure_job(config, workflow, branches, *, route: str, root: str, container_image: str = "",
@@ -117,6 +142,7 @@ def configure_job(config, workflow, branches, *, route: str, root: str, containe
     render["ckpt_software"] = route
     render["ckpt_job_data_dir"] = JOB_DATA_DIR
     render["ckpt_software_exit_code"] = str(SOFTWARE_EXIT_CODE)
+    hold_unusable_software(config.custom_content)
     if route == "shared":
         render["ckpt_tasks_root"] = root
         render["ckpt_tasks_data"] = data_dir
