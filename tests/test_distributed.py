@@ -5,6 +5,7 @@ training tests/helpers/distributed_train.py (DDP, per-rank dropout and input noi
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -174,14 +175,14 @@ def test_two_interruptions_then_resume_end_bit_identical(tmp_path, reference):
 # -- a killed rank --------------------------------------------------------------------------
 
 
-def start_ranks(tmp: Path, name: str) -> list[subprocess.Popen]:
+def start_ranks(tmp: Path, name: str, **options) -> list[subprocess.Popen]:
     """Two ranks started by hand (no launcher): only the ranks themselves can notice a death."""
     from ckpt_tasks.distributed import free_port
 
     port = free_port()
-    args = train_args(tmp, name, step_delay=0.05, checkpoint_every=5)
+    args = train_args(tmp, name, step_delay=0.05, checkpoint_every=5, **options)
     return [subprocess.Popen([sys.executable, *args], env=rank_environment(rank, 2, port),
-                             stderr=subprocess.DEVNULL) for rank in (0, 1)]
+                             stderr=(tmp / f"{name}-{rank}.err").open("w")) for rank in (0, 1)]
 
 
 def test_a_sigkilled_rank_fails_the_other_in_bounded_time_and_the_job_resumes(tmp_path, reference):
@@ -216,3 +217,20 @@ def test_the_launcher_fails_fast_when_a_rank_is_killed(tmp_path):
     assert process.returncode == 128 + signal.SIGKILL, stderr
     assert time.monotonic() - started < 15
     assert "rank 1 failed with exit 137" in stderr
+
+
+def test_a_hung_rank_fails_the_other_after_the_timeout(tmp_path):
+    ranks = start_ranks(tmp_path, "hung", timeout=8)
+    try:
+        wait_for(lambda: last_step(tmp_path, "hung") >= 3 or ranks[0].poll() is not None, 60, "training steps")
+        assert ranks[0].poll() is None, (tmp_path / "hung-0.err").read_text()
+        ranks[1].send_signal(signal.SIGSTOP)  # alive, connections open, never answers
+        stopped_at = time.monotonic()
+        ranks[0].wait(timeout=40)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for process in ranks:
+            process.kill()
+    assert ranks[0].returncode not in (0, 85)
+    logging.getLogger(__name__).info("the other rank failed %.1f s after SIGSTOP", waited)
+    assert 7 < waited < 40, waited  # the collective's timeout (8 s), not for ever
