@@ -120,7 +120,8 @@ def report(options: argparse.Namespace, pairs: list[tuple[float, float]], agree_
     inside = sum(agree_seconds) / len(agree_seconds)  # per step, counting the steps that skip it
     print(f"{options.nproc} ranks, gloo on the CPU, 1 thread each, torch {torch.__version__}; model "
           f"{options.hidden}x{options.hidden}x2 MLP, batch {options.batch} per rank; agreement every "
-          f"{options.every} step(s), {'synchronous' if options.no_overlap else 'overlapped'}; {options.pairs} pairs of {options.steps}-step windows\n")
+          f"{options.every} step(s), {'synchronous' if options.no_overlap else 'overlapped'}; "
+          f"{options.pairs} pairs of {options.steps}-step windows\n")
     print("| measure | with agreement | without | ratio | goal |")
     print("|---|---|---|---|---|")
     median = statistics.median(agree_seconds)

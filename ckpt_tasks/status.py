@@ -14,7 +14,8 @@
 - from the manifests' lineage (:mod:`ckpt_tasks.history`): evictions, work lost
   and goodput (start-up counted as overhead).
 
-``--json`` prints the same as JSON.
+``--json`` prints the same as JSON; ``--plot FILE.png`` draws every branch's
+step over wall time (held branches dashed, with their state in the legend).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckpt_tasks.history import _duration, _percent, _unix, build_timeline
@@ -60,6 +61,7 @@ class BranchStatus:
     lost_seconds: float = 0.0
     startup_seconds: float = 0.0
     goodput: float | None = None
+    progress: list = field(default_factory=list)  # [unix time, step] of every checkpoint known
 
 
 def branch_locations(location: str, deadline: float = 30.0) -> dict[int, str]:
@@ -142,6 +144,7 @@ def collect(location: str, jobs: str | Path | None = None, total: int | None = N
             timeline = build_timeline(checkpoints, where)
             status.evictions, status.lost_seconds = len(timeline.evictions), timeline.lost_seconds
             status.startup_seconds, status.goodput = timeline.startup_seconds, timeline.goodput
+            status.progress = [[p.done, p.step] for run in timeline.runs for p in run.points]
         if status.job_id in ads:
             _apply_ad(status, ads[status.job_id])
         rows.append(status)
@@ -168,6 +171,32 @@ def format_status(rows: list[BranchStatus]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_status(rows: list[BranchStatus], path: str) -> None:
+    """Every branch's step over wall time, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 5), constrained_layout=True)
+    origin = min((t for row in rows for t, _ in row.progress), default=0.0)
+    for row in rows:
+        label = f"branch {row.branch}" + (f" ({row.job_state})" if row.job_state else "")
+        times = [(t - origin) / 60 for t, _ in row.progress]
+        axes.plot(times, [step for _, step in row.progress], marker="o", markersize=3, label=label,
+                  linestyle="--" if row.job_state == "held" else "-")
+    total = max((row.total or 0 for row in rows), default=0)
+    if total:
+        axes.axhline(total, color="grey", linestyle=":", linewidth=1, label=f"total ({total})")
+    axes.set_xlabel("wall time since the first checkpoint [min]")
+    axes.set_ylabel("step")
+    axes.set_title(f"{len(rows)} branches", fontsize="medium")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="upper left")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def run_status(args: argparse.Namespace) -> int:
     """The handler of ``ckpt-tasks status``."""
     rows = collect(args.location, args.jobs, args.total, args.deadline)
@@ -175,6 +204,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(row) for row in rows], indent=2))
     else:
         sys.stdout.write(format_status(rows))
+    if args.plot:
+        plot_status(rows, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
     return 0
 
 
@@ -187,6 +220,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--jobs", metavar="PATH", help="law's htcondor_jobs_*.json, or the directory holding it")
     parser.add_argument("--total", type=int, metavar="STEPS", help="the steps of a whole training")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per branch")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw every branch's progress into this PNG")
     parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
                         help="how long to retry a storage that does not answer (default: %(default)s)")
     parser.set_defaults(func=run_status)

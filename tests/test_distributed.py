@@ -22,7 +22,7 @@ from ckpt_tasks.distributed import RankInfo, StopAgreement, batches_per_epoch, r
 from ckpt_tasks.distributed.launch import exit_code_of, rank_command, rank_environment  # noqa: E402
 from ckpt_tasks.storage.store import CheckpointStore  # noqa: E402
 
-TRAIN = str(Path(__file__).parent / "helpers" / "distributed_train.py")
+TRAIN = str(Path(__file__).resolve().parents[1] / "examples" / "distributed_example" / "train.py")
 STEPS = 40
 STEP_LINE = re.compile(r"rank (\d+) step (\d+) ")
 STOPPED_LINE = re.compile(r"rank (\d+) stopped after step (\d+); exit (\d+)")

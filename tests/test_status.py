@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_history import T0, crafted, save_crafted
+from test_history import T0, assert_png, save_crafted
 
 from ckpt_tasks import status
 from ckpt_tasks.storage.store import CheckpointStore
@@ -72,9 +72,12 @@ def test_status_command_json(workflow):
     data = json.loads(result.stdout)
     assert [(b["branch"], b["step"], b["evictions"]) for b in data] == [(0, 700, 1), (1, 40, 0)]
     assert data[0]["job_state"] is None and data[0]["startup_seconds"] >= 0
-    text = subprocess.run([sys.executable, "-m", "ckpt_tasks.cli", "status", str(root)], capture_output=True,
-                          text=True, timeout=120, env=env)
+    assert [step for _, step in data[0]["progress"]] == [100, 200, 300, 400, 500, 600, 700]
+    plot = root.parent / "status.png"
+    text = subprocess.run([sys.executable, "-m", "ckpt_tasks.cli", "status", str(root), "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=120, env=env)
     assert text.returncode == 0 and "branch" in text.stdout and "700" in text.stdout, text.stderr
+    assert_png(plot)
 
 
 def test_status_of_an_empty_directory(tmp_path):

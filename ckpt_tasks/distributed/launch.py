@@ -153,12 +153,14 @@ def launch(argv: Sequence[str], nproc: int, grace: float = 10.0) -> int:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ckpt_tasks.distributed.launch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ckpt_tasks.distributed.launch",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("CKPT_TASKS_RANKS", "1")),
                         help="ranks to start on this machine; default: $CKPT_TASKS_RANKS or 1")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds the other ranks get to fail by themselves after one failed; default: 10")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the rank's command (a .py runs with this python)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="-- then the rank's command (a .py runs with this python)")
     options = parser.parse_args(args)
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(levelname)s %(message)s")

@@ -1,11 +1,14 @@
 """A small DDP training on every rank of a job, checkpointed by DistributedCheckpointer.
 
-Run under ``python -m ckpt_tasks.distributed.launch --nproc 2 -- this.py ...`` (or with
-the rank variables set by hand). Each rank logs ``rank R pid P`` at start, ``rank R
-step S`` after each step and the checkpointer's ``rank R stopped after step S`` into
-``<log-dir>/rank-R.log``; rank 0 writes the final weights to ``--out``. Dropout (the
-global RNG) and input noise (a per-rank generator) differ between ranks, so a resume is
-exact only when each rank gets its own RNG states back.
+    python -m ckpt_tasks.distributed.launch --nproc 2 -- examples/distributed_example/train.py \
+        --store /tmp/ckpt --out /tmp/model.pt --log-dir /tmp/logs --step-delay 0.1
+
+(or under torchrun, or with the rank variables set by hand). Each rank logs ``rank R
+pid P`` at start, ``rank R step S`` after each step and the checkpointer's ``rank R
+stopped after step S`` into ``<log-dir>/rank-R.log``; rank 0 writes the final weights
+to ``--out``. Dropout (the global RNG) and input noise (a per-rank generator) differ
+between ranks, so a resume is exact only when each rank gets its own RNG states back.
+tests/test_distributed.py stops, kills and resumes it.
 """
 from __future__ import annotations
 
