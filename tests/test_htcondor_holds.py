@@ -23,6 +23,7 @@ from waiting import wait_until
 
 # 4 epochs of 45 steps at 0.2 s: long enough to evict the job in the middle of it.
 SLOW = ("--epochs", "4", "--checkpoint-every", "10", "--step-delay", "0.2")
+SHORT = ("--epochs", "2", "--checkpoint-every", "10", "--step-delay", "0.2")
 
 
 def test_spool_mode_sends_the_spool_directory_back_at_eviction(tmp_path, monkeypatch):
@@ -314,3 +315,28 @@ def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, wo
     assert "/135 (9" in text and "held by the user" in text, text
     # the workflow did not resubmit the held branch: its only job is still the held one
     assert [f"{j['ClusterId']}.{j['ProcId']}" for j in condor_jobs(workdir)] == [ids[3]]
+
+
+def test_a_spooled_checkpoint_survives_a_hold_and_release(htcondor_pool, workdir, tmp_path):
+    # A hold kills the job at once (no SIGTERM); released, it starts in a new sandbox from
+    # what HTCondor spooled at its last checkpoint exit.
+    command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
+               f"--branches 0 {' '.join(SHORT)} --checkpoint-mode spool --checkpoint-exit-interval 6 "
+               f"--poll-interval 0.05 --retries 0 --request-memory 500MB --request-disk 200MB")
+    runner = start_in_pool(command, workdir)
+    try:
+        (job,) = wait_until(lambda: condor_jobs(workdir, "JobStatus == 2 && CheckpointNumber >= 1"), 180,
+                            "a spooled checkpoint")
+        job_id = f"{job['ClusterId']}.{job['ProcId']}"
+        pool("exec", f"condor_hold {job_id}")
+        wait_until(lambda: condor_jobs(workdir, "JobStatus == 5"), 60, "the hold")
+        pool("exec", f"condor_release {job_id}")
+        wait_until(lambda: not condor_jobs(workdir), 400, "the released job to complete")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    log = job_logs(workdir)[0]
+    assert "NumJobStarts = 1" in log, log  # the release started it in a new sandbox
+    assert_resumed_in_a_new_sandbox(log)
+    (model,) = workdir.glob("data/TrainTask/*/branch-0/model.pt")
+    assert weights_digest(model) == local_reference(tmp_path, 0, *SHORT[:4])
