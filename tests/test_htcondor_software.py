@@ -241,8 +241,9 @@ def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage
 
 # -- on the real pool ----------------------------------------------------------------------------
 
-from test_htcondor_workflow import (htcondor_pool, in_pool_env, job_logs, local_reference,  # noqa: E402,F401
-                                    pool, start_in_pool, workdir)
+from test_htcondor_workflow import (assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: E402,F401
+                                    htcondor_pool, in_pool_env, job_logs, local_reference, pool,
+                                    start_in_pool, workdir)
 from test_train_task import weights_digest  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
@@ -251,6 +252,7 @@ from helpers import isolated_pool  # noqa: E402
 POOL_DIR = Path(os.environ.get("CKPT_TASKS_POOL_DIR", "/var/cache/ckpt_tasks/htcondor-pool"))
 POOL_SH = ROOT / "scripts" / "htcondor_pool.sh"
 TRAIN = ("--epochs", "2")
+EVICTED_TRAIN = ("--epochs", "4", "--checkpoint-every", "10", "--step-delay", "0.05")
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +264,18 @@ def isolated(htcondor_pool):
                                capture_output=True, text=True, check=True).stdout.strip()).resolve()
     hidden = [ROOT, base.parents[1] if base.parent.name == "versions" else base]
     return hidden
+
+
+def evict_after_a_checkpoint(server, workdir: Path) -> None:
+    """Once branch 0 has committed a checkpoint past step 10, evict its job (SIGTERM)."""
+    def checkpoint_past_10():
+        steps = [int(m.group(1)) for p in server.data_dir.glob("ckpt/TrainTask/*/branch-0/*.json")
+                 if (m := re.match(r"step-(\d+)-", p.name))]
+        return steps and max(steps) > 10
+
+    wait_until(checkpoint_past_10, 300, "a checkpoint of branch 0 past step 10")
+    (job,) = condor_jobs(workdir, "JobStatus == 2")
+    pool("exec", f"condor_vacate_job {job['ClusterId']}.{job['ProcId']}")
 
 
 def submit_probe(workdir: Path, script: str) -> str:
@@ -289,8 +303,9 @@ def test_isolated_jobs_cannot_read_the_checkout_or_the_venvs_python(isolated, wo
 
 
 @pytest.mark.xrootd
+@pytest.mark.parametrize("eviction", ["none", "graceful"])
 def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_side(
-        isolated, workdir, tmp_path, make_xrootd_server):
+        isolated, workdir, tmp_path, make_xrootd_server, eviction):
     server = make_xrootd_server()
     user = pwd.getpwnam("ckptuser")
     cache = ROOT / ".pool-tmp" / "bundle-cache"
@@ -307,13 +322,16 @@ def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_s
                     f"+{isolated_pool.ISOLATED_ATTRIBUTE}: true", (ROOT / "law.cfg").read_text(), flags=re.M)
     assert "software: bundle" in config
     (workdir / "law.cfg").write_text(config)
+    train = TRAIN if eviction == "none" else EVICTED_TRAIN
     command = (in_pool_env(workdir) + f"export LAW_CONFIG_FILE={workdir}/law.cfg; law index --quiet && "
-               f"law run TrainTask --workflow htcondor --branches 0 {' '.join(TRAIN)} "
+               f"law run TrainTask --workflow htcondor --branches 0 {' '.join(train)} "
                f"--store {server.url}//ckpt --poll-interval 0.5 --retries 0 "
                f"--request-memory 2GB --request-disk 4GB")
     with isolated_pool.denied(isolated):
         runner = start_in_pool(command, workdir)
         try:
+            if eviction == "graceful":
+                evict_after_a_checkpoint(server, workdir)
             runner.wait(timeout=540)
         finally:
             if runner.poll() is None:
@@ -325,8 +343,11 @@ def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_s
     assert unpacked, log[-3000:]
     logging.getLogger(__name__).info("bundle route: bundles checked and unpacked in %s s in the job",
                                      unpacked.group(1))
+    if eviction == "graceful":
+        # the log is the last sandbox's: it unpacked the bundles again and resumed from the store
+        assert_resumed_in_a_new_sandbox(log)
     (model,) = workdir.glob("data/TrainTask/*/branch-0/model.pt")
-    assert weights_digest(model) == local_reference(tmp_path, 0, *TRAIN)
+    assert weights_digest(model) == local_reference(tmp_path, 0, *train[:2])
     # the checkpoints went to the store, not to the submit side
     assert list(server.data_dir.glob("ckpt/TrainTask/*/branch-0/*.json"))
 
