@@ -75,8 +75,10 @@ export CKPT_TASKS_ROOT="${project}"
 export LAW_CONFIG_FILE="${project}/law.cfg"
 export LAW_HOME="${sandbox}/.law"
 export PYTHONPATH="${project}${PYTHONPATH:+:${PYTHONPATH}}"
-"${python}" -c "import torch, law, luigi" 2>/dev/null \
-    || fail_input "environment" "${python} cannot import torch, law and luigi: $("${python}" -c 'import torch, law, luigi' 2>&1 | tail -n 1)"
+# An environment that cannot run the task fails here, named, not somewhere inside law.
+if ! import_error="$("${python}" -c "import torch, law, luigi" 2>&1)"; then
+    fail_input "environment" "${python} cannot import torch, law and luigi: $(echo "${import_error}" | tail -n 1)"
+fi
 # HTCondor restores the spooled checkpoints into the sandbox after an eviction (spool mode);
 # the name comes from workflow.py (SPOOL_DIR), rendered in at submission.
 mkdir -p "{{ckpt_spool_dir}}"
