@@ -234,3 +234,27 @@ def test_a_hung_rank_fails_the_other_after_the_timeout(tmp_path):
     assert ranks[0].returncode not in (0, 85)
     logging.getLogger(__name__).info("the other rank failed %.1f s after SIGSTOP", waited)
     assert 7 < waited < 40, waited  # the collective's timeout (8 s), not for ever
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("exit 85", 85),                                   # every rank stopped with a checkpoint
+    ("exit 0", 0),
+    ("exit $(( RANK == 0 ? 85 : 0 ))", 1),             # the ranks disagree: not a checkpoint exit
+    ("[ $RANK = 1 ] && exit 3; sleep 30", 3),          # the first failure, the other killed after the grace
+])
+def test_the_launcher_exit_code_is_the_ranks_verdict(script, expected):
+    from ckpt_tasks.distributed.launch import launch as launch_ranks
+
+    started = time.monotonic()
+    assert launch_ranks(["sh", "-c", script], 2, grace=1) == expected
+    assert time.monotonic() - started < 10
+
+
+def test_a_checkpoint_of_other_parameters_fails_every_rank_saying_why(tmp_path):
+    process = launch(train_args(tmp_path, "first", steps=4, checkpoint_every=2))
+    assert process.wait(timeout=120) == 0
+    other = launch(train_args(tmp_path, "other", seed=8))  # another seed: another training
+    _, stderr = other.communicate(timeout=60)
+    assert other.returncode == 1, stderr
+    # Rank 1 hears why from rank 0 instead of seeing only a lost connection.
+    assert "rank 0 could not restore a checkpoint: FingerprintMismatch" in stderr, stderr
