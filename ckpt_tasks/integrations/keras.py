@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from ckpt_tasks.integrations import FrameworkCheckpointer, open_store
 from ckpt_tasks.integrations import keras_backup
 from ckpt_tasks.integrations.keras_random import capture_random_state, restore_random_state
+from ckpt_tasks.policy import SaveInterval, SaveNever
 from ckpt_tasks.transfer import StoreTransfer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
         self._resume: dict[str, Any] | None = None
         self._skip = 0
         self._original_train_function = None
-        self._last_commit_time = time.monotonic()
+        # At epoch-end saving, the time-based save between epochs is this policy's.
+        self._between_epochs = SaveInterval(checkpoint_interval) if checkpoint_interval else SaveNever()
         common = dict(hard_exit=hard_exit, checkpoint_every=checkpoint_every,
                       checkpoint_interval=checkpoint_interval, checkpoint_exit_code=checkpoint_exit_code)
         if store is not None:
@@ -307,10 +309,10 @@ class KerasCheckpointerCallback(keras.callbacks.Callback):
             self.checkpointer.stop_if_requested()
 
     def _interval_due(self) -> bool:
-        interval = self.checkpointer.checkpoint_interval
-        if interval is None or time.monotonic() - self._last_commit_time < interval:
+        now = time.monotonic()
+        if not self._between_epochs.due(self._batches_done, now):
             return False
-        self._last_commit_time = time.monotonic()
+        self._between_epochs.saved(self._batches_done, now)
         return True
 
     def on_epoch_end(self, epoch, logs=None):
