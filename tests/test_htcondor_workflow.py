@@ -263,3 +263,16 @@ def test_spool_mode_resumes_from_the_checkpoint_htcondor_transferred(htcondor_po
     assert_resumed_in_a_new_sandbox(log)
     (model,) = workdir.glob("data/TrainTask/*/branch-2/model.pt")
     assert weights_digest(model) == local_reference(tmp_path, 2, *TRAIN[:4])
+
+
+def test_jobs_get_the_submitters_proxy_and_one_cpu_per_rank(tmp_path, monkeypatch, test_pki):
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    proxy = test_pki.proxy(test_pki.user("submitter"), tmp_path / "x509up_test")
+    monkeypatch.setenv("X509_USER_PROXY", str(proxy))
+    submit, _, _ = render_job_files("store", "--ranks", "2")
+    assert f"x509userproxy = {proxy}" in submit
+    assert re.search(r"^request_cpus = 2$", submit, re.M), submit
+    assert "PRIVATE KEY" not in submit
+    monkeypatch.setenv("X509_USER_PROXY", str(tmp_path / "missing"))
+    submit, _, _ = render_job_files("store")
+    assert "x509userproxy" not in submit and re.search(r"^request_cpus = 1$", submit, re.M)

@@ -24,6 +24,7 @@ What it changes in law's stock workflow:
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -38,7 +39,10 @@ from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeIntParamet
                                    PositiveIntParameter)
 from ckpt_tasks.htcondor import software as routes  # noqa: E402
 from ckpt_tasks.htcondor import holds  # noqa: E402
+from ckpt_tasks.jobenv.credentials import CredentialError, find_proxy  # noqa: E402
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 #: the sandbox directory that holds a spool-mode branch's checkpoints (rendered into job.sh)
 SPOOL_DIR = "ckpt_spool"
@@ -137,17 +141,34 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
             args["--store"] = f"$_CONDOR_SCRATCH_DIR/{SPOOL_DIR}"
         return args
 
+    @staticmethod
+    def _submitter_proxy() -> Path | None:
+        """The X.509 proxy on the submit side, where the XRootD client would find it; None without."""
+        try:
+            proxy = find_proxy()
+        except CredentialError as error:
+            logger.warning("no x509userproxy for the jobs: %s", error)
+            return None
+        return proxy.path if proxy is not None else None
+
     def htcondor_job_config(self, config, job_num, branches):
         root = os.environ.get("CKPT_TASKS_ROOT") or str(Path(__file__).resolve().parents[2])
         config.render_variables["ckpt_spool_dir"] = SPOOL_DIR
         # One log, stdout and stderr file per job in the output directory, to watch the jobs.
         config.log, config.stdout, config.stderr = "log.txt", "stdout.txt", "stderr.txt"
         content = config.custom_content
-        content.append(("request_cpus", self.request_cpus))
+        # A training on N ranks (--ranks) runs N processes in the job: one CPU (or GPU) each.
+        ranks = getattr(self, "ranks", 1)
+        content.append(("request_cpus", max(self.request_cpus, ranks)))
         content.append(("request_memory", self.request_memory))
         content.append(("request_disk", self.request_disk))
         if self.request_gpus:
-            content.append(("request_gpus", self.request_gpus))
+            content.append(("request_gpus", max(self.request_gpus, ranks)))
+        # The submitter's X.509 proxy goes with the job; HTCondor refreshes the job's copy
+        # when the one on the access point is renewed (a token route needs a credmon).
+        proxy = self._submitter_proxy()
+        if proxy is not None:
+            content.append(("x509userproxy", str(proxy)))
         # HTCondor sends SIGTERM on eviction; the job script relays it.
         content.append(("kill_sig", "SIGTERM"))
         # Temporary holds are released, crash loops (exit 86) held: ckpt_tasks/htcondor/holds.py.
