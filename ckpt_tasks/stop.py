@@ -23,8 +23,13 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_EXIT_CODE = 85
 #: the exit code when the last checkpoint could not be made persistent on a stop
 EXIT_CHECKPOINT_FAILED = 1
-#: the exit code when the storage refused the job's credential (expired, revoked, lacking a
-#: permission): no restart can fix that, the HTCondor workflow holds the job with a reason
+# The exit codes below say "no restart can fix this": the HTCondor workflow holds a job
+# that exits with one of them, with a reason that says what to do (htcondor/holds.py).
+#: the job started again and again without committing a checkpoint (a crash loop)
+EXIT_CRASH_LOOP = 86
+#: the job's software is unusable (a bundle missing or corrupt, a Python that cannot import torch)
+EXIT_SOFTWARE_UNUSABLE = 87
+#: the storage refused the job's credential (expired, revoked, lacking a permission)
 EXIT_CREDENTIAL_REFUSED = 88
 #: the signals that ask a training to stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -41,12 +41,24 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from ckpt_tasks.stop import EXIT_CRASH_LOOP, EXIT_CREDENTIAL_REFUSED, EXIT_SOFTWARE_UNUSABLE
+
 logger = logging.getLogger(__name__)
 
 #: the exit code of a job that found itself in a crash loop (held by ``on_exit_hold``)
-CRASH_LOOP_EXIT_CODE = 86
+CRASH_LOOP_EXIT_CODE = EXIT_CRASH_LOOP
 CRASH_LOOP_HOLD_REASON = ("ckpt_tasks: the job started again and again without committing a checkpoint "
                           "(a crash loop; see the job's stdout)")
+#: the exit codes that hold a job (``on_exit_hold``, code 3, the exit code as subcode), and why
+EXIT_HOLD_REASONS = {
+    EXIT_CRASH_LOOP: CRASH_LOOP_HOLD_REASON,
+    EXIT_SOFTWARE_UNUSABLE: ("ckpt_tasks: the job's software is unusable (a bundle missing, truncated or "
+                             "corrupt, or a Python that cannot import torch, law and luigi); the job's stderr "
+                             "names the cause"),
+    EXIT_CREDENTIAL_REFUSED: ("ckpt_tasks: the storage refused the job's credential (expired, revoked or "
+                              "lacking a permission); renew the proxy or token on the access point, then "
+                              "condor_release the job: it resumes from its last checkpoint"),
+}
 
 TRANSFER_CODES = (12, 13)
 #: transfer subcodes (errno) that say the file itself is the problem: releasing will not help
@@ -113,13 +125,22 @@ def periodic_release(delay: float = 300.0, max_holds: int = 5) -> str:
 
 
 def submit_commands(delay: float = 300.0, max_holds: int = 5) -> list[tuple[str, str]]:
-    """The submit commands of the hold policy: release temporary holds, hold crash loops."""
+    """The submit commands of the hold policy: release temporary holds; hold the jobs that
+    exit with a code of :data:`EXIT_HOLD_REASONS` (crash loop, unusable software, refused credential)."""
     return [
         ("periodic_release", periodic_release(delay, max_holds)),
-        ("on_exit_hold", f"ExitCode =?= {CRASH_LOOP_EXIT_CODE}"),
-        ("on_exit_hold_reason", f'"{CRASH_LOOP_HOLD_REASON}"'),
-        ("on_exit_hold_subcode", str(CRASH_LOOP_EXIT_CODE)),
+        ("on_exit_hold", " || ".join(f"ExitCode =?= {code}" for code in EXIT_HOLD_REASONS)),
+        ("on_exit_hold_reason", exit_hold_reason_expression()),
+        ("on_exit_hold_subcode", "ExitCode"),
     ]
+
+
+def exit_hold_reason_expression() -> str:
+    """A ClassAd expression: the reason of :data:`EXIT_HOLD_REASONS` for the job's exit code."""
+    expression = '"ckpt_tasks: held on exit"'
+    for code, reason in reversed(EXIT_HOLD_REASONS.items()):
+        expression = f'ifThenElse(ExitCode =?= {code}, "{reason}", {expression})'
+    return expression
 
 
 # -- crash loops ---------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from pathlib import Path
 import law
 from law.job.base import BaseJobFileFactory
 
+from ckpt_tasks.stop import EXIT_SOFTWARE_UNUSABLE
+
 logger = logging.getLogger(__name__)
 
 ROUTES = ("shared", "bundle", "container")
@@ -35,8 +37,8 @@ SOFTWARE_OPTIONS = frozenset({"software", "container_image", "bundle_cache"})
 #: the sandbox directory that stands for $CKPT_TASKS_DATA in a job of the bundle/container routes
 JOB_DATA_DIR = "ckpt_data"
 #: the job's exit code when its software is unusable (a bundle missing, truncated, corrupt; an
-#: environment that cannot import torch); 86 is the crash-loop code of holds.py
-SOFTWARE_EXIT_CODE = 87
+#: environment that cannot import torch); holds.py's on_exit_hold holds the job
+SOFTWARE_EXIT_CODE = EXIT_SOFTWARE_UNUSABLE
 
 
 def config_default(section: str, option: str, default: str) -> str:
@@ -106,31 +108,6 @@ def bring_back_outputs(config, workflow, branches, data_dir: str) -> None:
             config[attr] = BaseJobFileFactory.postfix_output_file(config[attr], config.postfix)
 
 
-SOFTWARE_HOLD_REASON = ("ckpt_tasks: the job's software is unusable (a bundle missing, truncated or corrupt, "
-                        "or a Python that cannot import torch, law and luigi); the job's stderr names the cause")
-
-
-def hold_unusable_software(content: list) -> None:
-    """Exit 87 holds the job (``on_exit_hold``: code 3, subcode 87, with a reason) instead of
-    letting it run again; joined with any ``on_exit_hold`` already in ``content``."""
-    mine = f"ExitCode =?= {SOFTWARE_EXIT_CODE}"
-    new = {"on_exit_hold": mine, "on_exit_hold_reason": f'"{SOFTWARE_HOLD_REASON}"',
-           "on_exit_hold_subcode": str(SOFTWARE_EXIT_CODE)}
-    index = {entry[0]: i for i, entry in enumerate(content) if isinstance(entry, tuple)}
-    if "on_exit_hold" not in index:
-        content.extend(new.items())
-        return
-    # One command of each: the other hold (holds.py's crash loop) keeps its reason and subcode.
-    old = {key: str(content[index[key]][1]) for key in new if key in index}
-    content[index["on_exit_hold"]] = ("on_exit_hold", f"({old['on_exit_hold']}) || ({mine})")
-    for key in ("on_exit_hold_reason", "on_exit_hold_subcode"):
-        value = f"ifThenElse({mine}, {new[key]}, {old[key]})" if key in old else new[key]
-        if key in index:
-            content[index[key]] = (key, value)
-        else:
-            content.append((key, value))
-
-
 def configure_job(config, workflow, branches, *, route: str, root: str, container_image: str = "",
                   cache_dir: str | None = None) -> None:
     """Fill law's job config for ``route``: render variables of job.sh, input files, output
@@ -142,7 +119,6 @@ def configure_job(config, workflow, branches, *, route: str, root: str, containe
     render["ckpt_software"] = route
     render["ckpt_job_data_dir"] = JOB_DATA_DIR
     render["ckpt_software_exit_code"] = str(SOFTWARE_EXIT_CODE)
-    hold_unusable_software(config.custom_content)
     if route == "shared":
         render["ckpt_tasks_root"] = root
         render["ckpt_tasks_data"] = data_dir
