@@ -24,8 +24,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
+from ckpt_tasks.committer import Committer, WriteAndTransfer
 from ckpt_tasks.jobenv.htcondor import read_job_ad
 from ckpt_tasks.local_checkpoint import LocalCheckpointPath
 from ckpt_tasks.policy import SavePolicy, save_policy as policy_from_parameters
@@ -54,31 +55,18 @@ def _require_dict(name: str, value: Any) -> dict:
     return value
 
 
-class Committer(Protocol):
-    """How a Checkpointer makes a checkpoint of a value persistent.
-
-    The default writes the local checkpoint and transfers it in the caller's thread;
-    a law task's committer serialises and commits in the background.
-    """
-
-    def save(self, value: Any) -> None:
-        """A checkpoint due by the save policy (may finish in the background)."""
-
-    def save_final(self, value: Any) -> None:
-        """The last checkpoint on a stop: persistent when this returns, or it raises."""
+def _check_callables(checkpoint_function: Any, restore_function: Any) -> None:
+    _require_callable("checkpoint_function", checkpoint_function)
+    if restore_function is not None:  # the seed accepts None: restore only fetches
+        _require_callable("restore_function", restore_function)
 
 
-class WriteAndTransfer:
-    """The seed's way: ``checkpoint(value)``, then ``transfer_checkpoint_files()``."""
-
-    def __init__(self, checkpointer: "Checkpointer"):
-        self.checkpointer = checkpointer
-
-    def save(self, value: Any) -> None:
-        self.checkpointer.checkpoint(value)
-        self.checkpointer.transfer_checkpoint_files()
-
-    save_final = save
+def _check_mode(mode: Any) -> str:
+    normalised = "None" if mode is None else mode
+    if normalised not in TRANSFER_MODES:
+        raise ValueError(f"checkpoint_transfer_mode must be one of None, "
+                         f"{', '.join(repr(m) for m in TRANSFER_MODES)}; got {mode!r}")
+    return normalised
 
 
 class Checkpointer:
@@ -149,20 +137,13 @@ class Checkpointer:
         transfer: "transfers.TransferMode | None" = None,
         committer: Committer | None = None,
     ):
+        _check_callables(checkpoint_function, restore_function)
         if not isinstance(local_checkpoint_file, (str, os.PathLike)) or not os.fspath(local_checkpoint_file):
             raise TypeError(f"local_checkpoint_file must be a non-empty str or Path, got {local_checkpoint_file!r}")
         self.local_checkpoint_file = Path(local_checkpoint_file)
-        _require_callable("checkpoint_function", checkpoint_function)
-        if restore_function is not None:
-            _require_callable("restore_function", restore_function)
         self.checkpoint_function = checkpoint_function
         self.restore_function = restore_function
-
-        mode = "None" if checkpoint_transfer_mode is None else checkpoint_transfer_mode
-        if mode not in TRANSFER_MODES:
-            raise ValueError(f"checkpoint_transfer_mode must be one of None, "
-                             f"{', '.join(repr(m) for m in TRANSFER_MODES)}; got {checkpoint_transfer_mode!r}")
-        self.checkpoint_transfer_mode = mode
+        self.checkpoint_transfer_mode = _check_mode(checkpoint_transfer_mode)
         self.checkpoint_transfer_target = checkpoint_transfer_target
         self.xrootd_server_name = xrootd_server_name
         self.checkpoint_transfer_callback = checkpoint_transfer_callback
@@ -194,8 +175,7 @@ class Checkpointer:
         self.step_counter = 0
 
         #: records SIGTERM/SIGINT and hands them to :meth:`on_SIGTERM` at a consistent point
-        self.stop_guard = StopGuard(self.on_SIGTERM,
-                                    defer=defer_signals or getattr(self, "defer_signals", False))
+        self.stop_guard = StopGuard(self.on_SIGTERM, defer=defer_signals)
         if handle_signals:
             self.install_signal_handlers()
 
@@ -399,9 +379,6 @@ class Checkpointer:
         logger.warning("%s before any value was stored: nothing to checkpoint, the storage keeps "
                        "what it has", name)
         self._exit(self.checkpoint_exit_code)
-
-    def _critical(self):
-        return self.stop_guard.critical()
 
     def _write_local(self, value: Any) -> None:
         """Run the checkpoint function on a temporary path, then swap in: complete or absent."""
