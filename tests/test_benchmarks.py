@@ -34,3 +34,13 @@ def test_bench_async_prints_every_ratio():
     cores = os.cpu_count() or 1
     # One row with every core training and, where there are two or more, one with a core left free.
     assert out.count("| throughput, checkpoint every") == len({cores, max(1, cores - 1)}), out
+
+
+@pytest.mark.usefixtures("xrootd_server")
+def test_bench_wan_counts_round_trips():
+    out = run_benchmark("benchmarks/bench_wan.py", "--rtt", "4", "--kept", "2", "--repeat", "1")
+    rows = {line.split("|")[3].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 4 ms")}
+    for name in ("xrdcp --cksum adler32:source", "save", "xrdcp (download)", "restore (same process)",
+                 "restore (new process)", "apply_retention", "ckpt-tasks ls", "ckpt-tasks verify"):
+        assert name in rows, out
+        assert int(rows[name][4]) > 0, out  # the proxy saw round trips

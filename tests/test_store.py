@@ -43,7 +43,10 @@ def test_save_list_latest_fetch_verify_restore(location, tmp_path):
     assert [c.step for c in listed] == [0, 5, 10]
     assert listed == saved  # what save returned is what a reader sees
     assert store.latest() == saved[-1]
-    assert read_latest(location) == {"step": 10, "manifest": saved[-1].manifest_name}
+    pointer = read_latest(location)
+    # What earlier versions read, and the index of the kept manifests that this one reads.
+    assert (pointer["step"], pointer["manifest"]) == (10, saved[-1].manifest_name)
+    assert [entry["name"] for entry in pointer["index"]] == [c.name for c in saved]
 
     for checkpoint in listed:
         assert store.verify(checkpoint) == checkpoint
@@ -289,6 +292,11 @@ def test_unreadable_manifest_is_not_a_checkpoint(location, tmp_path):
     good = store.save(make_file(tmp_path, 1), 1)
     bad = store.save(make_file(tmp_path, 2), 2)
     (location.on_disk / bad.manifest_name).write_text("{not json")
+    # LATEST's index still holds a checked copy of that manifest: readers go on, verify says it.
+    assert store.list() == [good, bad]
+    with pytest.raises(VerificationError, match=bad.manifest_name):
+        store.verify(bad)
+    (location.on_disk / LATEST).unlink()  # without the index the manifest alone decides
     assert store.list() == [good]
 
 

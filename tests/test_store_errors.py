@@ -251,4 +251,6 @@ def test_local_permission_denied_is_not_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(local, "_copy_with_adler32", refused)
     store = CheckpointStore(tmp_path / "run", retry=DEFAULT)
     assert_fails_at_once(lambda: store.save(write(tmp_path), 1), StoragePermissionDenied, "Permission denied")
-    assert len(calls) == 1
+    # The data, its manifest and LATEST go up together (a small checkpoint): each tried once.
+    destinations = [str(call[1]) for call in calls]
+    assert len(destinations) == len(set(destinations)) <= 3, destinations

@@ -29,7 +29,10 @@ Error contract, the same for every operation and every backend:
 - anything else the backend cannot classify: a plain
   :class:`~ckpt_tasks.errors.StorageError` (not retried), naming the path and the cause.
 
-A backend is used from several threads at once (parts are published two at a time).
+A backend is used from several threads at once (parts are published two at a time,
+independent requests go out together to save round trips). A backend whose ``upload``
+compares the stored size with the bytes sent itself sets ``upload_checks_size = True``
+and ``publish_file`` skips its own ``stat``.
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ contract in ``ckpt_tasks.storage.backend``:
 A reader therefore sees the old file or the new one, never half of one. A
 writer killed at any moment leaves at most a stray temporary file.
 
+``stage_file`` does steps 1 to 3 and hands back a :class:`StagedFile` whose
+``commit()`` is step 4, so a writer can stage several files at once and rename
+them in the order its protocol needs (the checkpoint store: data, manifest, LATEST).
+
 ``publish_parts`` publishes a checkpoint larger than one part as parts, each
 through ``publish_file``, as soon as its bytes are staged.
 """
@@ -27,9 +31,9 @@ import socket
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ckpt_tasks.errors import StorageError, VerificationError
 from ckpt_tasks.storage.backend import StorageBackend
@@ -61,31 +65,67 @@ def _remove_quietly(files: StorageBackend, temporary: str) -> None:
         logger.warning("could not remove temporary file %s: %s", temporary, cleanup_error)
 
 
-def publish_file(files: StorageBackend, local: str | os.PathLike, dest: str | os.PathLike,
-                 span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> StoredFile:
-    """Publish ``local`` (or its ``span``, ``(offset, length)``) at ``dest`` on ``files``,
-    complete or not at all. ``on_sent`` is called once the bytes are on the storage,
-    before they are checked."""
+@dataclass
+class StagedFile:
+    """A file complete and checked on the storage under a temporary name, not yet published:
+    ``commit()`` renames it to its destination, ``discard()`` removes it."""
+
+    files: StorageBackend
+    temporary: str
+    stored: StoredFile  # with the destination's path
+
+    def commit(self) -> StoredFile:
+        """Rename the file into place, atomically; what ``publish_file`` returns."""
+        try:
+            self.files.rename(self.temporary, self.stored.path)
+        except StorageError as error:
+            _remove_quietly(self.files, self.temporary)
+            raise type(error)(f"publishing {self.stored.path} failed: {error}", self.stored.path) from error
+        except BaseException:
+            _remove_quietly(self.files, self.temporary)
+            raise
+        logger.debug("published %s (%d bytes, adler32 %08x)", self.stored.path, self.stored.size, self.stored.adler32)
+        return self.stored
+
+    def discard(self) -> None:
+        """Remove the temporary file (the commit it belonged to failed)."""
+        _remove_quietly(self.files, self.temporary)
+
+
+def stage_file(files: StorageBackend, local: str | os.PathLike, dest: str | os.PathLike,
+               span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None,
+               adler32: int | None = None) -> StagedFile:
+    """Steps 1 to 3 of the protocol: ``local`` (or its ``span``) complete and checked on
+    ``files`` under a temporary name beside ``dest`` (with ``adler32``, also checked against
+    it: the caller wrote it into a manifest before the upload). Step 4 is ``commit()``."""
     local = Path(local)
     size = span[1] if span is not None else local.stat().st_size
     temporary = temporary_name(dest)
     try:
         # The storage checks what it stored against the adler32 of the bytes sent, which
         # the upload computes while sending them: no separate pass over the file.
-        adler32 = files.upload(local, temporary, span=span, on_sent=on_sent)
-        stored_size = files.stat(temporary).st_size
-        if stored_size != size:
-            raise VerificationError(
-                f"{temporary} holds {stored_size} bytes after upload, expected {size}", str(dest))
-        files.rename(temporary, dest)
+        sent = files.upload(local, temporary, adler32=adler32, span=span, on_sent=on_sent)
+        # A backend whose upload compares the stored size itself saves this round trip.
+        if not getattr(files, "upload_checks_size", False):
+            stored_size = files.stat(temporary).st_size
+            if stored_size != size:
+                raise VerificationError(
+                    f"{temporary} holds {stored_size} bytes after upload, expected {size}", str(dest))
     except StorageError as error:
         _remove_quietly(files, temporary)
         raise type(error)(f"publishing {local} to {dest} failed: {error}", str(dest)) from error
     except BaseException:
         _remove_quietly(files, temporary)
         raise
-    logger.debug("published %s (%d bytes, adler32 %08x)", dest, size, adler32)
-    return StoredFile(str(dest), size, adler32)
+    return StagedFile(files, temporary, StoredFile(str(dest), size, sent))
+
+
+def publish_file(files: StorageBackend, local: str | os.PathLike, dest: str | os.PathLike,
+                 span: tuple[int, int] | None = None, on_sent: Callable[[], None] | None = None) -> StoredFile:
+    """Publish ``local`` (or its ``span``, ``(offset, length)``) at ``dest`` on ``files``,
+    complete or not at all. ``on_sent`` is called once the bytes are on the storage,
+    before they are checked."""
+    return stage_file(files, local, dest, span=span, on_sent=on_sent).commit()
 
 
 class _SendingTurn:
@@ -158,3 +198,14 @@ def publish_parts(files: StorageBackend, retry: RetryPolicy, source: StagingFile
             if cause is not None and cause is not error:
                 raise cause from None
             raise
+
+
+def discard_on_error(outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Raise the first error of ``outcomes``, after discarding the files the others staged."""
+    error = next((e for _, e in outcomes if e is not None), None)
+    if error is None:
+        return
+    for result, _ in outcomes:
+        if isinstance(result, StagedFile):
+            result.discard()
+    raise error

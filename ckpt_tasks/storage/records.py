@@ -118,6 +118,13 @@ def parse_manifest(data: bytes, path_of: Callable[[str], str], where: str) -> Ch
     fields = json.loads(data)
     if not isinstance(fields, dict):
         raise ValueError("not a JSON object")
+    return checkpoint_of_fields(fields, path_of, where)
+
+
+def checkpoint_of_fields(fields: dict, path_of: Callable[[str], str], where: str) -> Checkpoint:
+    """The checkpoint of a manifest's parsed JSON object (a manifest's, or its copy in the
+    index that ``LATEST`` carries); the errors of :func:`parse_manifest`."""
+    fields = dict(fields)  # the caller's copy stays as it is
     version = fields.pop("version", MANIFEST_VERSION)
     if isinstance(version, int) and version > MANIFEST_VERSION_PARTS:
         raise StorageError(f"manifest {where} has version {version}, written by a newer ckpt_tasks "
@@ -140,3 +147,8 @@ def check_parts_make_up(checkpoint: Checkpoint) -> None:
         raise VerificationError(f"checkpoint of step {checkpoint.step}: its parts do not make up the "
                                 f"{checkpoint.size} bytes, adler32 {checkpoint.adler32}, its manifest "
                                 f"says", checkpoint.path)
+
+
+def manifest_content(checkpoint: Checkpoint) -> dict:
+    """What a manifest says of a checkpoint, wherever the location is now."""
+    return json.loads(json.dumps({k: v for k, v in checkpoint.to_json().items() if k != "path"}))

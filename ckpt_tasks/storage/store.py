@@ -7,7 +7,8 @@ Layout of a location (a local directory or ``root://host:port//path``)::
     step-000000000240-5e6f7a8b.ckpt.0000, .0001, ...
                                        a checkpoint larger than ``part_size``, in parts
     step-000000000240-5e6f7a8b.json    its manifest lists the parts (name, size, adler32)
-    LATEST                             pointer to the newest manifest
+    LATEST                             pointer to the newest manifest, with the index: a copy of
+                                       every kept manifest (ckpt_tasks/storage/index.py)
 
 Commit protocol of ``save`` (DESIGN.md, "Complete or absent"): publish the data
 (temporary name, size and adler32 checked, rename), then publish the manifest
@@ -20,26 +21,37 @@ sends each part as soon as the serialiser has written it. Each writer adds a
 random tag to the names, so two writers (a duplicate job) never overwrite each
 other's files; readers take the highest committed step, whatever ``LATEST``
 says, so a race between two writers cannot move resumption backwards.
+
+Few round trips (DESIGN.md): a reader lists the location and reads ``LATEST`` at
+once, and takes the manifests from the index (``index.scan_location``), so a
+restore costs the same whatever the number of checkpoints. A save reads the
+location while its data goes up; a small checkpoint's manifest and the new
+``LATEST`` are staged under temporary names beside the data, and then only the
+three renames are sequential: data, manifest, ``LATEST``. Retention deletes all
+manifests at once, then all data (benchmarks/bench_wan.py has the counts).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import threading
-import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from ckpt_tasks.errors import StorageError, VerificationError
-from ckpt_tasks.storage.checksum import adler32_concat
-from ckpt_tasks.storage.commit import PARTIAL_MARKER, PARTS_IN_FLIGHT, publish_file, publish_parts
+from ckpt_tasks.storage.checksum import adler32_concat, adler32_of_file
+from ckpt_tasks.storage.cleanup import STALE_PARTIAL_SECONDS, delete_checkpoints, remove_stale_partials
+from ckpt_tasks.storage.commit import PARTS_IN_FLIGHT, StagedFile, discard_on_error, publish_parts, stage_file
+from ckpt_tasks.storage.index import Pointer, Scan, highest_step, list_names, pointer_text, read_manifest, scan_location
+from ckpt_tasks.storage.parallel import settled, together
 from ckpt_tasks.storage.reading import fetch_checked, verify_stored
-from ckpt_tasks.storage.records import (DATA_RE, LATEST, MANIFEST_RE, Checkpoint, StoredFile, check_step,
-                                        hex32, manifest_text, parse_manifest)
+from ckpt_tasks.storage.records import (LATEST, Checkpoint, StoredFile, check_step, hex32, manifest_content,
+                                        manifest_text)
 from ckpt_tasks.storage.registry import open_location
 from ckpt_tasks.storage.retention import RetentionPolicy, checkpoints_to_delete, policy_from
 from ckpt_tasks.storage.retry import RetryPolicy
@@ -52,8 +64,9 @@ __all__ = ["Checkpoint", "CheckpointStore", "LATEST", "PART_SIZE", "RetryPolicy"
 
 #: checkpoints larger than this are stored in parts of this size (CheckpointStore's default)
 PART_SIZE = 128 << 20
-#: temporary files older than this belong to dead writers and are removed by retention
-STALE_PARTIAL_SECONDS = 3600
+#: a one-file checkpoint up to this size has its adler32 computed before the upload, so its
+#: manifest goes up beside the data (a local pass of milliseconds saves round trips)
+MANIFEST_WITH_DATA_BYTES = 64 << 20
 
 
 class CheckpointStore:
@@ -87,6 +100,7 @@ class CheckpointStore:
         opened = open_location(location, deadline=self.retry.deadline)
         self.files, self.root = opened.backend, opened.root
         self.location = self.root
+        self._last_kept: list[Checkpoint] | None = None  # what this store's last commit kept
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.root!r}, retention={self.retention!r})"
@@ -154,80 +168,146 @@ class CheckpointStore:
     def _commit(self, source: StagingFile, step: int, metadata: dict[str, Any] | None,
                 retention: bool) -> Checkpoint:
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
-        path = self._path(f"{stem}.ckpt")
-        self.retry.run(lambda: self.files.mkdir_rec(self.root), f"creating {self.root}")
-        # The manifest records the sizes and the adler32s that the storage verified while publishing.
-        # More than one part's bytes (or the writer's end) decide between one file and parts.
-        one_part = source.wait_for(None if self.part_size is None else self.part_size + 1)
-        if source.finished and (self.part_size is None or one_part <= self.part_size):
-            published = self.retry.run(lambda: publish_file(self.files, source.path, path), f"uploading {path}")
-            adler32, parts = published.adler32, ()
-        else:
-            parts = tuple(publish_parts(self.files, self.retry, source, self.part_size,
-                                        lambda index: f"{path}.{index:04d}"))
-            adler32 = adler32_concat((part.adler32, part.size) for part in parts)
-        checkpoint = Checkpoint(
-            step=step, name=f"{stem}.ckpt", size=source.size, adler32=hex32(adler32),
-            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            path=path, metadata=dict(metadata or {}), parts=parts)
-        self._publish_text(checkpoint.manifest_name, manifest_text(checkpoint))
-        self._advance_latest(checkpoint)
+        with ThreadPoolExecutor(1, thread_name_prefix="ckpt-scan") as pool:
+            # What the location holds is read while the data goes up: the retention set, the
+            # index and the check that LATEST moves forward come from it, in no extra round trip.
+            scanning = pool.submit(self._scan)
+            plans: list[_Plan] = []
+
+            def stage_pointer(checkpoint: Checkpoint) -> StagedFile | None:
+                guess = self._guess_pointer(checkpoint, retention)
+                plans.append(plan := self._plan(checkpoint, scanning.result(), retention))
+                text = pointer_text(plan.newest, plan.kept) if plan.forward else None
+                if guess is not None and guess[0] == text:
+                    return guess[1]  # the location is as this writer left it: the guess is right
+                if guess is not None:
+                    guess[1].discard()
+                return self._stage_text(LATEST, text) if text is not None else None
+
+            try:
+                checkpoint, staged, pointer = self._stage_checkpoint(source, step, stem, metadata, stage_pointer)
+            except BaseException:
+                scanning.cancel()
+                raise
+        deleted, pointed = self._publish(checkpoint, staged, pointer, stage_pointer, plans)
+        self._last_kept = plans[-1].kept if plans[-1].forward else None
         logger.info("committed checkpoint of step %d to %s (%d bytes)", step, checkpoint.path, checkpoint.size)
         if retention:
-            self.apply_retention()
+            # A second listing, beside the deletes: another writer may have committed a higher
+            # step since the scan, and this writer's LATEST replaced its pointer.
+            _, names = together(lambda: delete_checkpoints(self.files, self._path, deleted),
+                                lambda: list_names(self.files, self.retry, self.root))
+            if (highest_step(names) or 0) > pointed:
+                self._ensure_latest(self._scan())
+            gone = {name for c in deleted for name in (c.manifest_name, *(d.name for d in c.data_files))}
+            remove_stale_partials(self.files, self._path, [name for name in names if name not in gone])
         return checkpoint
 
-    def _publish_text(self, name: str, text: str) -> None:
+    def _stage_checkpoint(self, source: StagingFile, step: int, stem: str, metadata: dict[str, Any] | None,
+                          stage_pointer: Callable[[Checkpoint], StagedFile | None]):
+        """The checkpoint's data on the storage (one file staged under a temporary name, or
+        parts published); with a small one-file checkpoint its manifest and the new LATEST
+        staged beside it. Returns the checkpoint, what was staged, and the staged LATEST
+        (``_LATER`` when it was not staged yet)."""
+        path = self._path(f"{stem}.ckpt")
+
+        def record(adler32: int, parts: tuple[StoredFile, ...] = ()) -> Checkpoint:
+            return Checkpoint(step=step, name=f"{stem}.ckpt", size=source.size, adler32=hex32(adler32),
+                              created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                              path=path, metadata=dict(metadata or {}), parts=parts)
+
+        # More than one part's bytes (or the writer's end) decide between one file and parts.
+        one_part = source.wait_for(None if self.part_size is None else self.part_size + 1)
+        if not source.finished or (self.part_size is not None and one_part > self.part_size):
+            parts = tuple(publish_parts(self.files, self.retry, source, self.part_size,
+                                        lambda index: f"{path}.{index:04d}"))
+            return record(adler32_concat((part.adler32, part.size) for part in parts), parts), [], _LATER
+        if source.size > MANIFEST_WITH_DATA_BYTES:
+            # The adler32 comes from the upload (no extra pass over a large file).
+            data = self.retry.run(lambda: stage_file(self.files, source.path, path), f"uploading {path}")
+            return record(data.stored.adler32), [data], _LATER
+        # Small: one local pass for the adler32 lets the manifest and LATEST go up beside the data.
+        checkpoint = record(adler32_of_file(source.path)[1])
+        outcomes = settled(
+            lambda: self.retry.run(lambda: stage_file(self.files, source.path, path,
+                                                      adler32=int(checkpoint.adler32, 16)), f"uploading {path}"),
+            lambda: self._stage_text(checkpoint.manifest_name, manifest_text(checkpoint)),
+            lambda: stage_pointer(checkpoint))
+        discard_on_error(outcomes)
+        return checkpoint, [outcomes[0][0], outcomes[1][0]], outcomes[2][0]
+
+    def _guess_pointer(self, checkpoint: Checkpoint, retention: bool) -> tuple[str, StagedFile] | None:
+        """LATEST as it will be if the location is as this store's last commit left it, staged
+        at once, while the scan is still on its way; None after no commit of this store."""
+        if self._last_kept is None or not self._last_kept:
+            return None
+        last = self._last_kept[-1]
+        guessed = Scan([], Pointer(last.step, last.manifest_name), self._last_kept, True)
+        plan = self._plan(checkpoint, guessed, retention)
+        text = pointer_text(plan.newest, plan.kept)
+        return text, self._stage_text(LATEST, text)
+
+    def _plan(self, checkpoint: Checkpoint, scan: Scan, retention: bool) -> "_Plan":
+        checkpoints = sorted([*scan.checkpoints, checkpoint], key=lambda c: (c.step, c.created))
+        newest, pointer = checkpoints[-1], scan.pointer
+        # LATEST may name a step this writer did not see (another writer just committed it).
+        forward = pointer is None or pointer.step <= newest.step
+        latest_manifest = newest.manifest_name if forward else pointer.manifest
+        deleted = checkpoints_to_delete(self.retention, checkpoints, latest_manifest) if retention else []
+        return _Plan(deleted, newest, [c for c in checkpoints if c not in deleted], forward,
+                     newest.step if forward else pointer.step)
+
+    def _publish(self, checkpoint: Checkpoint, staged: list[StagedFile], pointer: Any,
+                 stage_pointer: Callable[[Checkpoint], StagedFile | None],
+                 plans: list["_Plan"]) -> tuple[list[Checkpoint], int]:
+        """Rename data and manifest into place (while the new LATEST goes up, when it is not
+        staged yet), then move LATEST (never backwards); return the checkpoints retention is
+        to delete and the step LATEST names."""
+        def data_then_manifest() -> None:
+            if staged:
+                staged[0].commit()
+            if len(staged) > 1:
+                staged[1].commit()
+            else:
+                self._publish_text(checkpoint.manifest_name, manifest_text(checkpoint))
+
+        later = pointer is _LATER
+        outcomes = settled(data_then_manifest, (lambda: stage_pointer(checkpoint)) if later else (lambda: pointer))
+        if outcomes[0][1] is not None:
+            for temporary in staged:
+                temporary.discard()  # a commit that failed removed its own temporary already
+        discard_on_error(outcomes)
+        plan, pointer = plans[-1], outcomes[1][0]
+        if pointer is None:
+            logger.warning("LATEST already names step %d > %d; left as it is", plan.pointed, plan.newest.step)
+        else:
+            pointer.commit()
+        return plan.deleted, plan.pointed
+
+    def _stage_text(self, name: str, text: str) -> StagedFile:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             handle.write(text)
         try:
-            self.retry.run(lambda: publish_file(self.files, handle.name, self._path(name)),
-                           f"writing {self._path(name)}")
+            return self.retry.run(lambda: stage_file(self.files, handle.name, self._path(name)),
+                                  f"writing {self._path(name)}")
         finally:
             os.unlink(handle.name)
 
-    def _advance_latest(self, checkpoint: Checkpoint) -> None:
-        # Never move LATEST backwards: another writer may have committed a higher step.
-        current = self._read_latest()
-        if current is not None and current[0] > checkpoint.step:
-            logger.warning("LATEST already names step %d > %d; left as it is", current[0], checkpoint.step)
-            return
-        pointer = {"step": checkpoint.step, "manifest": checkpoint.manifest_name}
-        self._publish_text(LATEST, json.dumps(pointer))
+    def _publish_text(self, name: str, text: str) -> None:
+        self._stage_text(name, text).commit()
 
-    def _read_latest(self) -> tuple[int, str] | None:
-        try:
-            data = self.retry.run(lambda: self.files.read_bytes(self._path(LATEST)), "reading LATEST")
-        except FileNotFoundError:
-            return None
-        try:
-            pointer = json.loads(data)
-            return int(pointer["step"]), str(pointer["manifest"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("LATEST at %s is unreadable; ignoring it", self.root)
-            return None
+    def _scan(self) -> Scan:
+        return scan_location(self.files, self.retry, self.root, self._path)
 
     # -- reading ---------------------------------------------------------------------------
 
     def list(self) -> list[Checkpoint]:
-        """Every committed checkpoint, oldest step first. Empty when the location does not exist."""
-        if not self.retry.run(lambda: self.files.exists(self.root), f"checking {self.root}"):
-            return []
-        names = self.retry.run(lambda: self.files.listdir(self.root), f"listing {self.root}")
-        checkpoints = [c for c in map(self._read_manifest, filter(MANIFEST_RE.match, names)) if c is not None]
-        return sorted(checkpoints, key=lambda c: (c.step, c.created))
+        """Every committed checkpoint, oldest step first. Empty when the location does not exist.
 
-    def _read_manifest(self, name: str) -> Checkpoint | None:
-        where = self._path(name)
-        try:
-            data = self.retry.run(lambda: self.files.read_bytes(where), f"reading {name}")
-        except FileNotFoundError:
-            return None  # removed by retention between listing and reading
-        try:
-            return parse_manifest(data, self._path, where)
-        except ValueError as error:
-            logger.warning("manifest %s is unreadable (%s); ignoring it", where, error)
-            return None
+        Two requests at once (the listing and LATEST with its index); manifests the index
+        lacks are read, all at once (``ckpt_tasks.storage.index``).
+        """
+        return self._scan().checkpoints
 
     def latest(self) -> Checkpoint | None:
         """The committed checkpoint with the highest step, or None when there is none."""
@@ -242,7 +322,13 @@ class CheckpointStore:
         checkpoint = checkpoint or self.latest()
         if checkpoint is None:
             raise StorageError(f"no checkpoint to verify at {self.root}", self.root)
-        verify_stored(self.files, self.retry, checkpoint)
+        # The manifest itself, too: the record may come from the index in LATEST.
+        _, manifest = together(lambda: verify_stored(self.files, self.retry, checkpoint),
+                               lambda: read_manifest(self.files, self.retry, self._path, checkpoint.manifest_name))
+        if manifest is None or manifest_content(manifest) != manifest_content(checkpoint):
+            raise VerificationError(f"checkpoint of step {checkpoint.step}: its manifest {checkpoint.manifest_name} "
+                                    f"is {'missing or unreadable' if manifest is None else 'different'}",
+                                    self._path(checkpoint.manifest_name))
         return checkpoint
 
     def fetch(self, checkpoint: Checkpoint, dest: str | os.PathLike) -> Path:
@@ -274,53 +360,41 @@ class CheckpointStore:
 
     def apply_retention(self) -> list[Checkpoint]:
         """Delete the checkpoints the retention policy does not keep (never the one LATEST
-        names) and temporary or uncommitted files of dead writers; return what was deleted."""
-        checkpoints = self.list()
-        latest = self._repair_latest(checkpoints)
-        deleted = checkpoints_to_delete(self.retention, checkpoints, latest[1] if latest else None)
-        for checkpoint in deleted:
-            # Manifest first: from then on the checkpoint no longer exists for readers.
-            self.files.remove(self._path(checkpoint.manifest_name), silent=True)
-            for data in checkpoint.data_files:
-                self.files.remove(data.path, silent=True)
-            logger.info("retention removed checkpoint of step %d", checkpoint.step)
-        self._remove_stale_partials()
+        names) and temporary or uncommitted files of dead writers; return what was deleted.
+
+        LATEST is rewritten first when it names an older checkpoint than the newest or its
+        index is missing, stale or damaged (rebuilt from the manifests the scan read).
+        """
+        scan = self._scan()
+        deleted = checkpoints_to_delete(self.retention, scan.checkpoints, self._ensure_latest(scan))
+        delete_checkpoints(self.files, self._path, deleted)
+        remove_stale_partials(self.files, self._path, scan.names)
         return deleted
 
-    def _repair_latest(self, checkpoints: list[Checkpoint]) -> tuple[int, str] | None:
-        latest = self._read_latest()
-        if checkpoints and (latest is None or latest[0] < checkpoints[-1].step):
-            # Two writers raced on LATEST (read, then replace) and the lower step won, or
-            # a writer died between its manifest and LATEST: point it at the newest again.
-            self._advance_latest(checkpoints[-1])
-            latest = self._read_latest()
-        return latest
+    def _ensure_latest(self, scan: Scan) -> str | None:
+        """Point LATEST at the newest checkpoint, with a whole index, where it does not (never
+        backwards); return the manifest it names."""
+        checkpoints, pointer = scan.checkpoints, scan.pointer
+        if not checkpoints or (pointer is not None and (pointer.step > checkpoints[-1].step or (
+                pointer.manifest == checkpoints[-1].manifest_name and scan.index_complete))):
+            return pointer.manifest if pointer is not None else None
+        # Two writers raced on LATEST (read, then replace) and the lower step won, a writer died
+        # between its manifest and LATEST, or the index lacks manifests (an earlier version's
+        # LATEST, a damaged one): rewritten from what the scan read.
+        self._publish_text(LATEST, pointer_text(checkpoints[-1], checkpoints))
+        return checkpoints[-1].manifest_name
 
-    def _remove_stale_partials(self) -> None:
-        """Remove temporaries and uncommitted data of writers that are gone.
 
-        A data file without its manifest was never committed: its writer died between the
-        two, or retention died between removing the manifest and the data. But a writer
-        uploading a large checkpoint in parts finished its first parts long before its
-        manifest: a checkpoint's files go only when none of them changed for an hour.
-        """
-        now = time.time()
-        names = self.files.listdir(self.root)
-        present = set(names)
-        candidates: dict[str, list[tuple[str, float]]] = {}  # checkpoint stem -> (name, mtime)
-        for name in names:
-            committed_name = name[1:name.index(PARTIAL_MARKER)] if PARTIAL_MARKER in name else name
-            data = DATA_RE.match(committed_name)
-            stem = data["stem"] if data else name
-            if PARTIAL_MARKER not in name and (data is None or f"{stem}.json" in present):
-                continue
-            try:
-                mtime = self.files.stat(self._path(name)).st_mtime
-            except StorageError:
-                continue  # finished or removed by its writer in the meantime
-            candidates.setdefault(stem, []).append((name, mtime))
-        for files in candidates.values():
-            if now - max(mtime for _, mtime in files) > STALE_PARTIAL_SECONDS:
-                for name, _ in files:
-                    self.files.remove(self._path(name), silent=True)
+_LATER = object()  # LATEST is staged once the data is on the storage
 
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a commit does after its data: delete ``deleted``, point LATEST (``forward``) at
+    ``newest`` with the index of ``kept``; ``pointed``: the step LATEST names after it."""
+
+    deleted: list[Checkpoint]
+    newest: Checkpoint
+    kept: list[Checkpoint]
+    forward: bool
+    pointed: int

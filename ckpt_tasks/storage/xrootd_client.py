@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,15 +79,27 @@ _CLIENT_DEFAULTS = {
 }
 
 
+_IMPORTING = threading.Lock()
+
+
 def client():
     """Import the XRootD client lazily and apply bounded-time defaults once."""
-    from XRootD import client as xrootd_client
+    if getattr(client, "configured", False):
+        from XRootD import client as xrootd_client
 
-    if not getattr(client, "configured", False):
-        for key, (env_var, value) in _CLIENT_DEFAULTS.items():
-            if env_var not in os.environ:
-                xrootd_client.EnvPutInt(key, value)
-        client.configured = True
+        return xrootd_client
+    # One thread imports: the store sends requests from several threads at once, and two
+    # threads importing XRootD.client.flags for the first time together deadlocked the
+    # import system (_DeadlockError, seen in the SIGKILL stress).
+    with _IMPORTING:
+        from XRootD import client as xrootd_client
+        import XRootD.client.flags  # noqa: F401 (imported here, once, for the methods that use it)
+
+        if not getattr(client, "configured", False):
+            for key, (env_var, value) in _CLIENT_DEFAULTS.items():
+                if env_var not in os.environ:
+                    xrootd_client.EnvPutInt(key, value)
+            client.configured = True
     return xrootd_client
 
 

@@ -1,0 +1,143 @@
+"""A delaying TCP proxy on loopback that stands in for a wide-area link (no ``netem`` here).
+
+Every connection it accepts is forwarded to one upstream address; each chunk of bytes
+is held for the one-way delay (and, with a bandwidth limit, for its time on the line)
+before it is passed on, in order, per direction. It counts round trips as request and
+response turnarounds over all connections together: one round trip is a burst of
+client-to-server bytes that follows server-to-client bytes (or starts the count), and
+each new connection costs one more (its TCP handshake, delayed too).
+Requests sent together (parallel threads, several connections) make one burst, so the
+count is the number of *sequential* round trips, which is what a delay multiplies.
+
+It runs in a process of its own (``WanProxy.start``), so the delays do not compete
+for the GIL with the process being measured.
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import time
+
+#: indices into the shared counters
+ROUND_TRIPS, CONNECTIONS, BYTES_UP, BYTES_DOWN, LAST_DIRECTION = range(5)
+_UP, _DOWN = 1, 2
+
+
+def _count(counters, direction: int, size: int) -> None:
+    with counters.get_lock():
+        if direction == _UP and counters[LAST_DIRECTION] != _UP:
+            counters[ROUND_TRIPS] += 1
+        counters[LAST_DIRECTION] = direction
+        counters[BYTES_UP if direction == _UP else BYTES_DOWN] += size
+
+
+async def _forward(reader, writer, direction: int, delay: float, bandwidth: float | None, counters,
+                   connect: float = 0.0) -> None:
+    """Copy ``reader`` to ``writer``, each chunk due ``delay`` seconds after it arrived, the
+    first one ``connect`` seconds later still (the TCP handshake the loopback skipped)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    line_free = 0.0  # when the (emulated) line has sent what it holds
+
+    async def deliver() -> None:
+        while True:
+            due, data = await queue.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if data is None:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    sender = asyncio.ensure_future(deliver())
+    try:
+        while data := await reader.read(1 << 16):
+            _count(counters, direction, len(data))
+            now = loop.time()
+            if bandwidth:
+                line_free = max(line_free, now) + len(data) / bandwidth
+                now = line_free
+            queue.put_nowait((now + delay + connect, data))
+            connect = 0.0
+    except ConnectionError:
+        pass
+    queue.put_nowait((loop.time() + delay, None))
+    try:
+        await sender
+    except ConnectionError:
+        pass
+
+
+async def _serve(listener: socket.socket, upstream: tuple[str, int], delay: float, bandwidth: float | None,
+                 counters) -> None:
+    async def handle(client_reader, client_writer) -> None:
+        with counters.get_lock():
+            # A real link spends one round trip on the TCP handshake before the first byte.
+            counters[CONNECTIONS] += 1
+            counters[ROUND_TRIPS] += 1
+            counters[LAST_DIRECTION] = _DOWN
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*upstream)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(_forward(client_reader, server_writer, _UP, delay, bandwidth, counters, 2 * delay),
+                             _forward(server_reader, client_writer, _DOWN, delay, bandwidth, counters))
+        for writer in (client_writer, server_writer):
+            writer.close()
+
+    server = await asyncio.start_server(handle, sock=listener)
+    async with server:
+        await server.serve_forever()
+
+
+def _run(listener: socket.socket, upstream, delay, bandwidth, counters) -> None:
+    asyncio.run(_serve(listener, upstream, delay, bandwidth, counters))
+
+
+class WanProxy:
+    """A proxy process on a free loopback port in front of ``upstream`` (host, port).
+
+    ``rtt``: the added round-trip time in seconds (half of it each way); ``bandwidth``:
+    bytes per second per direction and connection (None: no limit).
+    """
+
+    def __init__(self, upstream: tuple[str, int], rtt: float, bandwidth: float | None = None):
+        self.upstream, self.rtt, self.bandwidth = upstream, rtt, bandwidth
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding an XRootD client
+        self._counters = context.Array("q", 5)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._process = context.Process(target=_run, daemon=True,
+                                         args=(self._listener, upstream, rtt / 2, bandwidth, self._counters))
+
+    def start(self) -> "WanProxy":
+        self._process.start()
+        return self
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.join(5)
+        self._listener.close()
+
+    def reset(self) -> None:
+        """Zero the counters (the next request starts round trip 1)."""
+        with self._counters.get_lock():
+            for index in range(len(self._counters)):
+                self._counters[index] = 0
+
+    def settle(self, quiet: float = 0.0) -> None:
+        """Wait until bytes still in flight have passed (at least one round trip)."""
+        time.sleep(self.rtt + 0.02 + quiet)
+
+    @property
+    def round_trips(self) -> int:
+        return self._counters[ROUND_TRIPS]
+
+    @property
+    def connections(self) -> int:
+        return self._counters[CONNECTIONS]

@@ -1,0 +1,102 @@
+"""The index in LATEST: readers open no manifest while it is whole, whatever the number of
+checkpoints; a stale or damaged one is detected, read around and rebuilt."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from ckpt_tasks.errors import VerificationError
+from ckpt_tasks.storage.index import pointer_text
+from ckpt_tasks.storage.store import LATEST
+from store_helpers import location, make_file, read_latest  # noqa: F401 (location is a fixture)
+
+
+def _reads(store) -> list[str]:
+    """Record the names of the files ``store`` reads whole (manifests, LATEST) from now on."""
+    names: list[str] = []
+    read_bytes = store.files.read_bytes
+
+    def recording(path, *args, **kwargs):
+        names.append(str(path).rsplit("/", 1)[-1])
+        return read_bytes(path, *args, **kwargs)
+
+    store.files.read_bytes = recording
+    return names
+
+
+def _write_latest(location, pointer: dict) -> None:
+    (location.on_disk / LATEST).write_text(json.dumps(pointer))
+
+
+@pytest.mark.parametrize("kept", [2, 12])
+def test_a_reader_opens_only_latest(location, tmp_path, kept):
+    writer = location.store(keep_last=kept)
+    saved = [writer.save(make_file(tmp_path, step, 3000), step) for step in range(kept + 2)]
+    reader = location.store(keep_last=kept)
+    reads = _reads(reader)
+    assert reader.list() == saved[-kept:]
+    assert reader.restore(tmp_path / "restored") == saved[-1]
+    assert (tmp_path / "restored").read_bytes() == make_file(tmp_path, kept + 1, 3000).read_bytes()
+    assert reads == [LATEST, LATEST]  # one per call, for 2 kept as for 12
+    reads.clear()
+    writer_reads = _reads(writer)
+    writer.save(make_file(tmp_path, 99, 3000), 99)
+    assert writer_reads == [LATEST]
+
+
+def test_a_damaged_index_is_not_trusted_and_is_rebuilt(location, tmp_path):
+    store = location.store(keep_last=5)
+    saved = [store.save(make_file(tmp_path, step, 3000), step) for step in range(3)]
+    pointer = read_latest(location)
+    pointer["index"][1]["adler32"] = "00000000"  # bit rot in LATEST: its own adler32 no longer matches
+    _write_latest(location, pointer)
+    reader = location.store(keep_last=5)
+    reads = _reads(reader)
+    assert reader.list() == saved  # from the manifests, every one read
+    assert sorted(reads) == sorted([LATEST, *(c.manifest_name for c in saved)])
+    reader.apply_retention()  # rewrites LATEST with an index rebuilt from them
+    rebuilt = read_latest(location)
+    assert [entry["adler32"] for entry in rebuilt["index"]] == [c.adler32 for c in saved]
+    reads.clear()
+    assert location.store().list() == saved
+
+
+def test_an_index_that_lies_consistently_is_caught_by_verify(location, tmp_path):
+    """An entry rewritten with a valid index adler32 (a bug, not rot): the data check of a
+    restore and ``verify`` against the manifest both catch it."""
+    store = location.store(keep_last=5)
+    saved = [store.save(make_file(tmp_path, step, 3000), step) for step in range(2)]
+    forged = replace(saved[1], metadata={"loss": 0.0})  # the data still matches: the manifest does not
+    (location.on_disk / LATEST).write_text(pointer_text(forged, [saved[0], forged]))
+    with pytest.raises(VerificationError, match="different"):
+        location.store().verify()
+    forged = replace(saved[1], adler32="00000001")
+    (location.on_disk / LATEST).write_text(pointer_text(forged, [saved[0], forged]))
+    reader = location.store()
+    with pytest.raises(VerificationError, match="adler32"):
+        reader.verify()
+    assert reader.restore(tmp_path / "out") == saved[0]  # the newest fails its data check: the one before
+
+
+def test_a_stale_index_is_read_around(location, tmp_path):
+    """Manifests the index lacks (an earlier version's LATEST, a writer that lost the race for
+    LATEST) are read; entries whose manifest is gone are dropped."""
+    store = location.store(keep_last=10)
+    saved = [store.save(make_file(tmp_path, step, 3000), step) for step in range(4)]
+    old_style = {"step": 3, "manifest": saved[3].manifest_name}
+    full_index = read_latest(location)
+    _write_latest(location, old_style)
+    reader = location.store(keep_last=10)
+    reads = _reads(reader)
+    assert reader.list() == saved and len(reads) == 5
+    (location.on_disk / saved[0].manifest_name).unlink()  # gone: its index entry must not bring it back
+    _write_latest(location, full_index)
+    assert reader.list() == saved[1:]
+    # A higher step LATEST does not name (its writer died before moving LATEST) is still the newest.
+    later = store.save(make_file(tmp_path, 9, 3000), 9, retention=False)
+    _write_latest(location, full_index)
+    assert reader.latest() == later
+    reader.apply_retention()
+    assert read_latest(location)["step"] == 9 and len(read_latest(location)["index"]) == 4
