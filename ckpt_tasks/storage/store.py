@@ -366,7 +366,11 @@ class CheckpointStore:
         index is missing, stale or damaged (rebuilt from the manifests the scan read).
         """
         scan = self._scan()
-        deleted = checkpoints_to_delete(self.retention, scan.checkpoints, self._ensure_latest(scan))
+        latest_manifest = self._ensure_latest(scan)
+        deleted = checkpoints_to_delete(self.retention, scan.checkpoints, latest_manifest)
+        kept = [c for c in scan.checkpoints if c not in deleted]
+        # What the next save guesses LATEST from (see _guess_pointer).
+        self._last_kept = kept if kept and kept[-1].manifest_name == latest_manifest else None
         delete_checkpoints(self.files, self._path, deleted)
         remove_stale_partials(self.files, self._path, scan.names)
         return deleted
