@@ -286,6 +286,7 @@ class Checkpointer:
                 self._save(value)
                 self.save_policy.saved(self.step_counter, time.monotonic())
             self.step_counter += 1
+        self.stop_guard.honour()  # the end of a step is consistent, deferring or not
 
     def checkpoint(self, value: Any = None) -> None:
         """Write the local checkpoint for ``value`` (default: the stored value); no transfer."""
@@ -350,11 +351,16 @@ class Checkpointer:
             self._save_final(self.checkpoint_value)
         except Exception as error:
             logger.error("the last checkpoint after %s could not be saved: %s", name, error)
-            self._exit(EXIT_CHECKPOINT_FAILED)
+            self._exit(self.exit_code_for(error))
             return
         self.clean_up_local_checkpoint_files()
         logger.info("checkpoint saved after %s; exiting with code %d", name, self.checkpoint_exit_code)
         self._exit(self.checkpoint_exit_code)
+
+    def exit_code_for(self, error: Exception) -> int:
+        """The exit code when the last checkpoint on a stop failed with ``error`` (not the
+        checkpoint exit code: nothing new was saved)."""
+        return EXIT_CHECKPOINT_FAILED
 
     # -- internals -----------------------------------------------------------------------------
 

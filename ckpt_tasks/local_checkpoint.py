@@ -102,16 +102,10 @@ class LocalCheckpointPath:
             os.replace(self.path, self._before_write)
         try:
             writer(partial)
-            if partial.exists():
-                if self.path.exists():  # the writer wrote both: the path it was given wins
-                    _remove(self.path)
-                os.replace(partial, self.path)
-            elif not self.path.exists():
+            if not partial.exists() and not self.path.exists():
                 raise CkptTasksError(
                     f"checkpoint_function wrote nothing to the path it was given ({partial}) "
                     f"nor to {self.path}; it must write the checkpoint to the path it is given")
-            else:
-                logger.debug("checkpoint_function wrote %s itself, not the temporary path", self.path)
         except BaseException:
             if partial.exists():
                 _remove(partial)
@@ -120,5 +114,15 @@ class LocalCheckpointPath:
                     _remove(self.path)
                 os.replace(self._before_write, self.path)
             raise
+        # The new checkpoint is complete: from here the old one is only ".previous", which
+        # recover() removes once the final path exists (a kill in between loses nothing new).
         if self._before_write.exists():
-            _remove(self._before_write)
+            os.replace(self._before_write, self._previous)
+        if partial.exists():
+            if self.path.exists():  # the writer wrote both: the path it was given wins
+                _remove(self.path)
+            os.replace(partial, self.path)
+        else:
+            logger.debug("checkpoint_function wrote %s itself, not the temporary path", self.path)
+        if self._previous.exists():
+            _remove(self._previous)

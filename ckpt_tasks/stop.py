@@ -59,10 +59,11 @@ def check_exit_code(code: Any, parameter: str = "checkpoint_exit_code") -> int:
 class StopGuard:
     """Records SIGTERM/SIGINT and hands them on at a consistent point.
 
-    ``on_stop(signum)`` is called once per process life, either from the signal
-    handler at once (when no critical work runs and ``defer`` is False), or when the
-    last :meth:`critical` block ends, or at :meth:`honour` (a point the caller knows
-    to be consistent, such as the end of a training step). ``on_stop`` normally
+    ``on_stop(signum)`` is called once per process life: from the signal handler at
+    once (when no critical work runs and ``defer`` is False), when the last
+    :meth:`critical` block ends (``defer`` False only), or at :meth:`honour` (a point
+    the caller knows to be consistent, such as the end of a training step; with
+    ``defer`` True the only one). ``on_stop`` normally
     commits and leaves the process; a second signal while it runs is logged and
     ignored, so it is never interrupted half-way.
 
@@ -132,8 +133,10 @@ class StopGuard:
             yield
         finally:
             self._busy -= 1
-        # Reached only without an exception: the end of critical work is a consistent point.
-        self.honour()
+        # Reached only without an exception: the end of critical work is a consistent point,
+        # unless the caller defers to points of its own (the end of a training step).
+        if not self.defer:
+            self.honour()
 
     def honour(self) -> None:
         """At a consistent point: hand a recorded stop on to ``on_stop`` (outside critical work)."""

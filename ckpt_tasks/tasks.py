@@ -117,6 +117,14 @@ class TaskCheckpointer(Checkpointer):
         """Wait for the commit in flight; raise its error, if it failed."""
         self.committer.wait()
 
+    def exit_code_for(self, error: Exception) -> int:
+        """A credential the storage refused in the last commit: :data:`EXIT_CREDENTIAL_REFUSED`."""
+        if isinstance(error, (StorageAuthenticationFailed, StoragePermissionDenied)):
+            logger.error("the storage refused this job's credential; renew the proxy or token where the "
+                         "job was submitted, then condor_release it")
+            return EXIT_CREDENTIAL_REFUSED
+        return super().exit_code_for(error)
+
 
 def exit_credential_refused(message: str) -> None:
     """Leave with :data:`EXIT_CREDENTIAL_REFUSED`: no restart fixes a refused credential."""
@@ -331,7 +339,8 @@ class CheckpointedTask(law.Task):
             self.train(state, session)
             session.close()
             # A commit still in flight must not be cut off when the process ends.
-            checkpointer.flush()
+            with credential_refusals_exit():
+                checkpointer.flush()
             self.finish(state)
             self.publish_message(f"training complete after {state.step} steps")
         finally:

@@ -87,7 +87,8 @@ class StorageCopy:
         if not local.is_dir():
             publish_file(self.files, local, self.target)
             return
-        archive = LocalCheckpointPath(local).partial().with_suffix(".tar")
+        partial = LocalCheckpointPath(local).partial()
+        archive = partial.with_name(partial.name + ".tar")  # the unique tag stays in the name
         try:
             pack_directory(local, archive)
             publish_file(self.files, archive, self.target)
@@ -127,9 +128,19 @@ DIRECTORY_ARCHIVE_ROOT = "ckpt_tasks-directory-checkpoint"
 
 
 def pack_directory(directory: Path, archive: Path) -> None:
-    """Write ``directory`` into the tar file ``archive`` under :data:`DIRECTORY_ARCHIVE_ROOT`."""
-    with tarfile.open(archive, "w") as tar:
+    """Write ``directory`` into the tar file ``archive`` under :data:`DIRECTORY_ARCHIVE_ROOT`.
+
+    Links are stored as the files they point to (hard links and symbolic links, inside
+    the directory or out of it), so that what :func:`unpack_directory` takes (regular
+    files and directories only) is all there is: a checkpoint that could not be
+    unpacked fails here, at the save, not at the resume.
+    """
+    with tarfile.open(archive, "w", dereference=True) as tar:
         tar.add(directory, arcname=DIRECTORY_ARCHIVE_ROOT, recursive=True)
+        for member in tar.getmembers():
+            if not (member.isfile() or member.isdir()):
+                raise CkptTasksError(f"{directory}: {member.name} is neither a file nor a directory; a "
+                                     "directory checkpoint holds files and directories only")
 
 
 def unpack_directory(archive: Path, destination: Path) -> bool:

@@ -194,3 +194,15 @@ def test_refuses_to_train_from_scratch_over_a_checkpoint_and_other_parameters(tm
         _fit(LightningCheckpointerCallback(store=store, params={"lr": 1}), max_epochs=2)  # restore() forgotten
     with pytest.raises(FingerprintMismatch, match="lr: checkpoint 1, task 2"):
         LightningCheckpointerCallback(store=store, params={"lr": 2}).restore()
+
+
+def test_a_sigterm_during_the_sanity_check_stops_with_85_and_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "helpers" / "lightning_early_sigterm.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 85, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "fit returned normally" not in done.stdout
+    assert (tmp_path / "ckpt.ckpt").is_file()

@@ -229,6 +229,29 @@ def test_directory_checkpoint_in_every_mode(tmp_path, directory_mode):
     assert sorted(p.name for p in work.iterdir()) == ["ckpt_dir"]  # no partial or previous copies
 
 
+def test_directory_checkpoint_with_links_is_stored_as_files_and_restores(tmp_path):
+    outside = tmp_path / "blobs" / "weights.bin"
+    outside.parent.mkdir()
+    outside.write_text("blob")
+
+    def write_with_links(path, value):
+        write_directory(path, value)
+        os.link(Path(path) / "weights.txt", Path(path) / "hard.txt")          # a hard link
+        os.symlink(outside, Path(path) / "snapshot.bin")                       # a link out of it
+
+    target = tmp_path / "shared" / "ckpt"
+    local = tmp_path / "work" / "ckpt_dir"
+    local.parent.mkdir()
+    ckpt = Checkpointer(local, write_with_links, read_directory, checkpoint_transfer_mode="shared",
+                        checkpoint_transfer_target=target)
+    ckpt.step(3)
+    import shutil
+    shutil.rmtree(local)
+    assert ckpt.restore(None) == (3, "config 3")
+    assert (local / "hard.txt").read_text() == "3" and (local / "snapshot.bin").read_text() == "blob"
+    assert not (local / "snapshot.bin").is_symlink()
+
+
 def test_directory_swap_interrupted_between_renames_is_recovered(tmp_path):
     local = tmp_path / "ckpt_dir"
     write_directory(local, 1)

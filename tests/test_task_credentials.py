@@ -61,3 +61,20 @@ def test_a_good_proxy_trains_and_commits(monkeypatch, tmp_path, test_pki, people
     assert code == 0, output[-3000:]
     assert "preflight:" in output and "training complete" in output
     assert proxy.read_text().split("-----BEGIN RSA PRIVATE KEY-----")[1][:40] not in output
+
+
+def test_a_refused_final_commit_exits_88_other_failures_1(tmp_path):
+    # The commit on a stop is caught by the Checkpointer (its failure must not claim 85);
+    # a refused credential there must still say "held: renew it".
+    from ckpt_tasks.errors import StorageAuthenticationFailed, StorageUnavailable
+    from ckpt_tasks.state import TrainingState
+    from ckpt_tasks.stop import EXIT_CHECKPOINT_FAILED
+    from ckpt_tasks.storage.store import CheckpointStore
+    from ckpt_tasks.tasks import TaskCheckpointer
+    from ckpt_tasks.transfer import StoreTransfer
+
+    state = TrainingState()
+    transfer = StoreTransfer(CheckpointStore(tmp_path / "store"), step_of=lambda: state.step, params={})
+    ckpt = TaskCheckpointer(tmp_path, state, transfer, handle_signals=False)
+    assert ckpt.exit_code_for(StorageAuthenticationFailed("token expired", "root://h//p")) == EXIT_CREDENTIAL_REFUSED
+    assert ckpt.exit_code_for(StorageUnavailable("down", "root://h//p")) == EXIT_CHECKPOINT_FAILED

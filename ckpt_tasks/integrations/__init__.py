@@ -90,3 +90,4 @@ class FrameworkCheckpointer(Checkpointer):
         with self.stop_guard.critical():
             self.checkpoint(value)
             self.transfer_checkpoint_files()
+        self.stop_guard.honour()  # the callbacks call this at a batch or epoch end: consistent

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -196,6 +197,14 @@ class LightningCheckpointerCallback(pl.Callback):
         # Lightning registered its SIGTERM handler just before; ours replaces it while the
         # training loop runs (see the README, "Signals") and gives it back at the end.
         self.checkpointer.install_signal_handlers()
+        # A SIGTERM between Lightning's handler and ours (the sanity check, data set-up) set
+        # received_sigterm: Lightning would raise SystemExit() (exit 0) at the first batch end.
+        if getattr(trainer, "received_sigterm", False):
+            # The property has no setter; its connector holds the flag (Lightning 2.x).
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                connector.received_sigterm = False
+            self.checkpointer.stop_guard.request(signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._at_optimizer_step(trainer, batch_idx):
