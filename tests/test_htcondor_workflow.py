@@ -272,7 +272,15 @@ def test_jobs_get_the_submitters_proxy_and_one_cpu_per_rank(tmp_path, monkeypatc
     submit, _, _ = render_job_files("store", "--ranks", "2")
     assert f"x509userproxy = {proxy}" in submit
     assert re.search(r"^request_cpus = 2$", submit, re.M), submit
+    # store mode: a voluntary exit 85 requeues the job instead of ending it as failed
+    assert "on_exit_remove = (ExitBySignal =?= true) || (ExitCode =!= 85)" in submit
     assert "PRIVATE KEY" not in submit
     monkeypatch.setenv("X509_USER_PROXY", str(tmp_path / "missing"))
     submit, _, _ = render_job_files("store")
     assert "x509userproxy" not in submit and re.search(r"^request_cpus = 1$", submit, re.M)
+
+
+def test_a_local_store_is_refused_where_workers_do_not_share_the_file_system(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="--store=.* is a local path, but --software=bundle"):
+        render_job_files("store", "--software", "bundle", "--store", str(tmp_path / "ckpt"))

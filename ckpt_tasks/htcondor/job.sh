@@ -89,16 +89,24 @@ if [ -f "${_CONDOR_JOB_AD:-}" ]; then
 fi
 
 child=""
+pending=""
+# A signal with no branch running (between branches, or before `child` is set) is kept:
+# it is relayed to the branch just started, or ends the job before the next one.
 relay() {
-    [ -n "${child}" ] && kill -s "$1" "${child}" 2>/dev/null
+    if [ -n "${child}" ]; then kill -s "$1" "${child}" 2>/dev/null; else pending="$1"; fi
 }
 trap 'relay TERM' TERM
 trap 'relay INT' INT
 
 for branch in ${branches}; do
+    if [ -n "${pending}" ]; then
+        echo "ckpt_tasks job: SIG${pending} before branch ${branch} started; stopping"
+        exit $((128 + $(kill -l "${pending}")))
+    fi
     # bash starts background jobs with SIGINT ignored; restore the defaults for law.
     eval "( trap - INT TERM; exec \"\${python}\" -m law run ${task_module}.${task_class} ${task_params} --branch=${branch} ) &"
     child=$!
+    [ -n "${pending}" ] && kill -s "${pending}" "${child}" 2>/dev/null
     # A trapped signal interrupts `wait` while `law run` still commits its checkpoint:
     # wait again for as long as it lives, then take its real exit code.
     while :; do

@@ -141,6 +141,17 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
             args["--store"] = f"$_CONDOR_SCRATCH_DIR/{SPOOL_DIR}"
         return args
 
+    def _check_store_reaches_the_workers(self) -> None:
+        """Without a shared file system (bundle, container) a local store is each worker's own
+        disk: every eviction would restart from scratch. Refuse it before submitting."""
+        store = str(getattr(self, "store", "") or "")
+        remote = "://" in store and not store.startswith("file://")
+        if self.software != "shared" and self.checkpoint_mode == "store" and store and not remote:
+            raise ValueError(
+                f"--store={store} is a local path, but --software={self.software} runs jobs on workers "
+                "that do not share this file system: use a root:// or roots:// store, or "
+                "--checkpoint-mode spool")
+
     @staticmethod
     def _submitter_proxy() -> Path | None:
         """The X.509 proxy on the submit side, where the XRootD client would find it; None without."""
@@ -152,6 +163,7 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         return proxy.path if proxy is not None else None
 
     def htcondor_job_config(self, config, job_num, branches):
+        self._check_store_reaches_the_workers()
         root = os.environ.get("CKPT_TASKS_ROOT") or str(Path(__file__).resolve().parents[2])
         config.render_variables["ckpt_spool_dir"] = SPOOL_DIR
         # One log, stdout and stderr file per job in the output directory, to watch the jobs.
@@ -183,6 +195,12 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
             # the directory also lands in the initialdir (the workflow's output directory).
             content.append(("when_to_transfer_output", "ON_EXIT_OR_EVICT"))
             content.append(("transfer_output_files", SPOOL_DIR))
+        else:
+            # Store mode: an exit with 85 (the site's time limit, --checkpoint-exit-interval)
+            # puts the job back to idle, to resume from the store in a new sandbox, instead of
+            # ending it as a failure that law would count against its retries.
+            content.append(("on_exit_remove",
+                            f"(ExitBySignal =?= true) || (ExitCode =!= {CHECKPOINT_EXIT_CODE})"))
         # Site additions: every option of [ckpt_tasks_htcondor] in law.cfg is a submit command.
         cfg = law.config.Config.instance()
         if cfg.has_section(CONFIG_SECTION):
