@@ -80,6 +80,13 @@ def test_code_bundle_without_git_follows_the_gitignore(repo, tmp_path, monkeypat
     assert bundle.code_files(repo) == [".gitignore", "pkg/mod.py", "pkg/new.py"]
 
 
+def test_code_bundle_leaves_out_files_that_look_like_credentials(repo):
+    (repo / "x509up_u1000").write_text("-----BEGIN CERTIFICATE-----\n")
+    (repo / "pkg" / "bt_u1000").write_text("eyJ...")
+    (repo / ".env").write_text("TOKEN=secret\n")
+    assert bundle.code_files(repo) == [".gitignore", "pkg/mod.py", "pkg/new.py"]
+
+
 def test_the_project_code_bundle_leaves_out_venv_data_and_test_data():
     names = bundle.code_files(ROOT)
     assert "law.cfg" in names and "workflows/train.py" in names and "ckpt_tasks/htcondor/job.sh" in names

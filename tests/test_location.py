@@ -68,3 +68,9 @@ def test_absolute_paths_pathlike_and_file_urls(tmp_path):
 def test_non_text_is_refused():
     with pytest.raises(ValueError, match="store="):
         validate_location(42)  # type: ignore[arg-type]
+
+
+def test_a_query_string_is_refused_and_not_repeated():
+    with pytest.raises(ValueError, match="query string is not accepted") as refused:
+        validate_location("root://host:1094//store/me?authz=SECRETTOKEN", parameter="--store")
+    assert "SECRETTOKEN" not in str(refused.value)

@@ -37,6 +37,8 @@ RECIPE = "2"
 #: path parts never shipped in the code bundle
 CODE_EXCLUDE_PARTS = {".git", "__pycache__", ".venv", ".law", ".pool-tmp", ".pytest_cache", "data"}
 CODE_EXCLUDE_PREFIXES = ("tests/fixtures/",)
+#: files that look like credentials never go into a bundle (it is cached and sent to workers)
+CREDENTIAL_PATTERNS = ("x509up_*", "bt_u*", "*.token", "*.pem", "*.key", ".env", "*.keytab")
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ def code_files(root: Path) -> list[str]:
     for name in names:
         parts = set(name.split("/"))
         if parts & CODE_EXCLUDE_PARTS or name.endswith(".pyc") or name.startswith(CODE_EXCLUDE_PREFIXES):
+            continue
+        if any(fnmatch.fnmatch(name.rsplit("/", 1)[-1], pattern) for pattern in CREDENTIAL_PATTERNS):
+            logger.warning("%s looks like a credential: left out of the code bundle", name)
             continue
         if (root / name).is_file():  # deleted but still tracked files are left out
             kept.append(name)

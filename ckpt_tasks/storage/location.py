@@ -141,6 +141,11 @@ def validate_location(text: str | os.PathLike, parameter: str = "store") -> str:
         return os.path.abspath(os.path.expanduser(text))
     scheme = prefix.group("scheme")
     if scheme in ("root", "roots"):
+        if "?" in text or "#" in text:
+            # CGI such as ?authz=<token> would be logged, put into job arguments and paths.
+            raise _refuse(parameter, text.split("?", 1)[0].split("#", 1)[0] + "?...",
+                          "a query string is not accepted (credentials go in X509_USER_PROXY or "
+                          "BEARER_TOKEN_FILE, never in the URL)")
         return _validate_xrootd(text, parameter)
     if scheme == "file":
         if not text.startswith("file:///"):
