@@ -62,13 +62,15 @@ def make_xrootd_server():
 
 @pytest.fixture(params=["local", "xrootd"])
 def location(request, tmp_path):
-    """A fresh store location on a local directory and on the real server:
-    (path or URL, the directory on disk behind it)."""
+    """A fresh store location on a local directory and on the real server
+    (``store_helpers.Location``: ``url``, ``on_disk``, ``store()``; unpacks as ``url, on_disk``)."""
+    from store_helpers import Location
+
     name = f"ckpt-{uuid.uuid4().hex[:8]}"
     if request.param == "local":
-        return str(tmp_path / name), tmp_path / name
+        return Location("local", str(tmp_path / name), tmp_path / name)
     server = request.getfixturevalue("xrootd_server")
-    return f"{server.url}//runs/{name}", server.data_dir / "runs" / name
+    return Location("xrootd", f"{server.url}//runs/{name}", server.data_dir / "runs" / name)
 
 
 # -- authenticated servers (tests/xrootd_auth.py) ----------------------------------------

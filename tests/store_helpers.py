@@ -2,13 +2,9 @@
 session's XRootD server, and the directory on disk behind it."""
 from __future__ import annotations
 
-
 import json
 import os
-import uuid
 from pathlib import Path
-
-import pytest
 
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.store import LATEST
@@ -31,14 +27,9 @@ class Location:
     def names(self) -> list[str]:
         return sorted(os.listdir(self.on_disk)) if self.on_disk.exists() else []
 
-
-@pytest.fixture(params=["local", "xrootd"])
-def location(request, tmp_path) -> Location:
-    name = f"ckpt-{uuid.uuid4().hex[:8]}"
-    if request.param == "local":
-        return Location("local", str(tmp_path / name), tmp_path / name)
-    server = request.getfixturevalue("xrootd_server")
-    return Location("xrootd", f"{server.url}//runs/{name}", server.data_dir / "runs" / name)
+    def __iter__(self):
+        """``url, on_disk = location``, for tests that need only the two."""
+        return iter((self.url, self.on_disk))
 
 
 def make_file(directory: Path, step: int, size: int | None = None) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from ckpt_tasks.errors import VerificationError
 from ckpt_tasks.storage.index import pointer_text
 from ckpt_tasks.storage.store import LATEST
-from store_helpers import location, make_file, read_latest  # noqa: F401 (location is a fixture)
+from store_helpers import make_file, read_latest
 
 
 def _reads(store) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 
 from ckpt_tasks.storage import CheckpointStore
 from ckpt_tasks.storage.store import LATEST
-from store_helpers import FAST, location, make_file, read_latest  # noqa: F401 (location is a fixture)
+from store_helpers import FAST, make_file, read_latest
 
 
 # -- retention -----------------------------------------------------------------------------------
