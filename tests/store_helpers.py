@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.store import LATEST
-from store_writer import content_for
+from helpers.store_writer import content_for
 
-WRITER = Path(__file__).with_name("store_writer.py")
+WRITER = Path(__file__).parent / "helpers" / "store_writer.py"
 FAST = RetryPolicy(deadline=5, initial_delay=0.1, max_delay=0.5)
 
 

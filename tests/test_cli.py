@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_tasks.storage import CheckpointStore, RetryPolicy
-from store_writer import content_for
+from helpers.store_writer import content_for
 from waiting import run_cli as cli
 
 

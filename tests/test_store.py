@@ -26,7 +26,7 @@ from ckpt_tasks.errors import StorageError, VerificationError
 from ckpt_tasks.storage import CheckpointStore
 from ckpt_tasks.storage.checksum import adler32_combine
 from ckpt_tasks.storage.store import LATEST
-from store_writer import content_for
+from helpers.store_writer import content_for
 from store_helpers import FAST, WRITER, make_file, read_latest
 
 

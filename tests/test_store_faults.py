@@ -28,11 +28,11 @@ from ckpt_tasks.errors import StorageError, StorageUnavailable, VerificationErro
 from ckpt_tasks.storage import Checkpoint, CheckpointStore, RetryPolicy
 from ckpt_tasks.storage.commit import PARTIAL_MARKER
 from conftest import IN_CI, unavailable
-from store_writer import content_for
+from helpers.store_writer import content_for
 from xrootd_server import ServerUnavailable, XRootDServer, free_port
 from waiting import run_cli as cli
 
-WRITER = Path(__file__).with_name("store_writer.py")
+WRITER = Path(__file__).parent / "helpers" / "store_writer.py"
 KILLS = int(os.environ.get("CKPT_TASKS_STRESS_KILLS", "30"))
 #: the RetryPolicy deadline of the "storage cannot be used" tests
 DEADLINE = 3.0

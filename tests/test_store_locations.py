@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_tasks.storage import CheckpointStore, XRootDFileInterface
-from store_writer import content_for
+from helpers.store_writer import content_for
 from store_helpers import FAST, make_file
 
 

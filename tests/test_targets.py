@@ -13,7 +13,7 @@ import pytest
 from ckpt_tasks.errors import StorageError, StorageUnavailable
 from ckpt_tasks.storage import XRootDFileInterface
 from ckpt_tasks.storage.targets import XRootDRemoteFileInterface
-from store_writer import content_for
+from helpers.store_writer import content_for
 from xrootd_server import free_port
 
 
