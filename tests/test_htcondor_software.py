@@ -134,6 +134,8 @@ def render(tmp_path, monkeypatch, *args: str) -> tuple[str, str, list[str]]:
 
     monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("CKPT_TASKS_BUNDLE_CACHE", str(bundle.default_cache_dir()))
+    if "--store" not in args:  # workers without a shared file system need a remote store
+        args = ("--store", "root://127.0.0.1:1094//ckpt", *args)
     with CmdlineParser.global_instance(["TrainTask", "--workflow", "htcondor", *args]) as parser:
         proxy = parser.get_task_obj().workflow_proxy
         proxy.job_file_factory = proxy.create_job_file_factory()
@@ -368,7 +370,8 @@ def test_container_route_submit_file_passes_condor_submit_dry_run(htcondor_pool,
               "from luigi.cmdline_parser import CmdlineParser\n"
               "from law.job.dashboard import NoJobDashboard\n"
               "with CmdlineParser.global_instance(['TrainTask', '--workflow', 'htcondor']):\n"
-              f"    task = TrainTask(workflow='htcondor', software='container', container_image='{image}')\n"
+              f"    task = TrainTask(workflow='htcondor', software='container', container_image='{image}',\n"
+              "                     store='root://127.0.0.1:1094//ckpt')\n"
               "    proxy = task.workflow_proxy\n"
               "    proxy.job_file_factory = proxy.create_job_file_factory()\n"
               "    proxy.dashboard = NoJobDashboard()\n"
@@ -397,7 +400,8 @@ def test_a_corrupt_bundle_holds_the_job_with_the_reason(htcondor_pool, workdir):
               "from luigi.cmdline_parser import CmdlineParser\n"
               "from law.job.dashboard import NoJobDashboard\n"
               "with CmdlineParser.global_instance(['TrainTask', '--workflow', 'htcondor']):\n"
-              "    task = TrainTask(workflow='htcondor', software='bundle', request_disk='4GB')\n"
+              "    task = TrainTask(workflow='htcondor', software='bundle', request_disk='4GB',\n"
+              "                     store='root://127.0.0.1:1094//ckpt')\n"
               "    proxy = task.workflow_proxy\n"
               "    proxy.job_file_factory = proxy.create_job_file_factory()\n"
               "    proxy.dashboard = NoJobDashboard()\n"
