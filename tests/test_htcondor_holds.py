@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_htcondor_workflow import (POOL_DIR, assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: F401
+from test_htcondor_workflow import (POOL_DIR, ROOT, assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: F401
                                     htcondor_pool, in_pool_env, job_logs, local_reference, mine, pool,
                                     render_job_files, start_in_pool, workdir)
 from test_train_task import weights_digest
@@ -229,7 +229,7 @@ def test_a_temporary_hold_is_pending_for_the_workflow_and_released(htcondor_pool
     codes = pool("exec", f"condor_q {cluster}.0 -af HoldReasonCode HoldReasonSubCode").split()
     assert codes[0] == "13", codes  # a real input transfer failure (HTTP 503)
     # the workflow's job manager reads this hold as temporary: the job is pending, not failed
-    query = pool("exec", f"cd /work/main && .venv/bin/python -c 'import json; "
+    query = pool("exec", f"cd {ROOT} && .venv/bin/python -c 'import json; "
                          f"from ckpt_tasks.htcondor.workflow import CheckpointingJobManager as M; "
                          f"print(json.dumps(M().query(\"{cluster}.0\")))'")
     status = json.loads(query.strip().splitlines()[-1])
@@ -295,9 +295,9 @@ def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, wo
                    "branches 0-2 done, branch 3 held")
         (jobs_dir,) = {p.parent for p in workdir.glob("data/htcondor/TrainTask/*/htcondor_jobs_*.json")}
         (location,) = workdir.glob("ckpt/TrainTask/*")
-        out = pool("exec", f"cd /work/main && .venv/bin/python -m ckpt_tasks.cli status {location} "
+        out = pool("exec", f"cd {ROOT} && .venv/bin/python -m ckpt_tasks.cli status {location} "
                            f"--jobs {jobs_dir} --total 135 --json")
-        text = pool("exec", f"cd /work/main && .venv/bin/python -m ckpt_tasks.cli status {location} "
+        text = pool("exec", f"cd {ROOT} && .venv/bin/python -m ckpt_tasks.cli status {location} "
                             f"--jobs {jobs_dir} --total 135")
         runner.wait(timeout=120)
     finally:
