@@ -42,14 +42,13 @@ def xrootd_server():
     server.cleanup()
 
 
-@pytest.fixture
-def make_xrootd_server():
-    """A factory of private servers, for tests that stop or break them."""
+def _server_factory(server_class, *args):
+    """Yield a factory of started ``server_class(*args, **kwargs)``; clean them all up after."""
     servers = []
 
-    def make(**kwargs) -> XRootDServer:
+    def make(**kwargs):
         try:
-            server = XRootDServer(**kwargs).start()
+            server = server_class(*args, **kwargs).start()
         except ServerUnavailable as error:
             unavailable(str(error))
         servers.append(server)
@@ -58,6 +57,12 @@ def make_xrootd_server():
     yield make
     for server in servers:
         server.cleanup()
+
+
+@pytest.fixture
+def make_xrootd_server():
+    """A factory of private servers, for tests that stop or break them."""
+    yield from _server_factory(XRootDServer)
 
 
 @pytest.fixture(params=["local", "xrootd"])
@@ -103,16 +108,4 @@ def make_auth_server(test_pki):
     """A factory of authenticating servers (``xrootd_auth.AuthXRootDServer`` arguments)."""
     from xrootd_auth import AuthXRootDServer
 
-    servers = []
-
-    def make(**kwargs):
-        try:
-            server = AuthXRootDServer(test_pki, **kwargs).start()
-        except ServerUnavailable as error:
-            unavailable(str(error))
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.cleanup()
+    yield from _server_factory(AuthXRootDServer, test_pki)

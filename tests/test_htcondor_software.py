@@ -17,7 +17,6 @@ import logging
 import os
 import pwd
 import re
-import shlex
 import shutil
 import subprocess
 import tarfile
@@ -127,23 +126,11 @@ def test_environment_bundle_runs_from_anywhere_with_a_clean_environment(env_bund
 def render(tmp_path, monkeypatch, *args: str) -> tuple[str, str, list[str]]:
     """The submit file, the job script and the job's law arguments for branch 0, as law makes
     them at submission (no pool needed)."""
-    from law.job.dashboard import NoJobDashboard
-    from luigi.cmdline_parser import CmdlineParser
-
-    import workflows.train  # noqa: F401  (registers TrainTask)
-
     monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("CKPT_TASKS_BUNDLE_CACHE", str(bundle.default_cache_dir()))
     if "--store" not in args:  # workers without a shared file system need a remote store
         args = ("--store", "root://127.0.0.1:1094//ckpt", *args)
-    with CmdlineParser.global_instance(["TrainTask", "--workflow", "htcondor", *args]) as parser:
-        proxy = parser.get_task_obj().workflow_proxy
-        proxy.job_file_factory = proxy.create_job_file_factory()
-        proxy.dashboard = NoJobDashboard()
-        submit = Path(proxy.create_job_file(0, [0])["job"])
-    (script,) = submit.parent.glob("job_*.sh")
-    arguments = re.search(r"^arguments = \S+ \S+ (\S+)", submit.read_text(), re.M).group(1)
-    return submit.read_text(), script.read_text(), shlex.split(base64.b64decode(arguments).decode())
+    return render_job_files("store", *args)
 
 
 def test_bundle_route_job_script_names_no_path_of_the_submit_side(tmp_path, monkeypatch, env_bundle):
@@ -252,7 +239,7 @@ def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage
 
 from test_htcondor_workflow import (assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: E402,F401
                                     htcondor_pool, in_pool_env, job_logs, local_reference, pool,
-                                    start_in_pool, workdir)
+                                    render_job_files, start_in_pool, workdir)
 from test_train_task import weights_digest  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
