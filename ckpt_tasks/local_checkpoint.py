@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -28,6 +29,19 @@ from typing import Callable
 from ckpt_tasks.errors import CkptTasksError
 
 logger = logging.getLogger(__name__)
+
+# What partial() puts between the prefix and the suffix: host, process id, a random tag.
+_PARTIAL_TAG = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -51,12 +65,39 @@ class LocalCheckpointPath:
     def _before_write(self) -> Path:
         return self.path.with_name(f".{self.path.name}.before-write")
 
-    def partial(self) -> Path:
-        """A new temporary path beside the final one, ending with its full suffix."""
+    def _partial_prefix(self) -> tuple[str, str]:
         name = self.path.name
         stem, dot, suffixes = name.partition(".") if not name.startswith(".") else (name, "", "")
+        return f".{stem}.partial-", f"{dot}{suffixes}"
+
+    def partial(self) -> Path:
+        """A new temporary path beside the final one, ending with its full suffix."""
+        prefix, suffix = self._partial_prefix()
         tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        return self.path.with_name(f".{stem}.partial-{tag}{dot}{suffixes}")
+        return self.path.with_name(f"{prefix}{tag}{suffix}")
+
+    def remove_stale_partials(self) -> list[Path]:
+        """Remove the temporary paths that a killed process of this host left behind.
+
+        A partial path names its host and process; those of a process that still runs
+        (another writer) or of another host (a shared file system) are left alone.
+        """
+        prefix, _ = self._partial_prefix()
+        host = socket.gethostname()
+        removed = []
+        if not self.path.parent.is_dir():
+            return removed
+        for candidate in self.path.parent.iterdir():
+            if not candidate.name.startswith(prefix):
+                continue
+            writer = _PARTIAL_TAG.match(candidate.name[len(prefix):])
+            if writer is None or writer["host"] != host or _process_alive(int(writer["pid"])):
+                continue
+            _remove(candidate)
+            removed.append(candidate)
+        if removed:
+            logger.info("removed %d temporary file(s) of killed writers beside %s", len(removed), self.path)
+        return removed
 
     def exists(self) -> bool:
         """Whether a complete checkpoint is there (after :meth:`recover`)."""
@@ -65,6 +106,7 @@ class LocalCheckpointPath:
 
     def recover(self) -> None:
         """Undo what a crash in the middle of a swap or an in-place write left behind."""
+        self.remove_stale_partials()
         if self._before_write.exists() or self._before_write.is_symlink():
             logger.warning("%s may be torn (a write was interrupted); the checkpoint before it is put back",
                            self.path)
