@@ -173,6 +173,7 @@ class Checkpointer:
         self.checkpoint_value: Any = None
         #: number of ``step`` calls so far
         self.step_counter = 0
+        self._saved_this_step = False  # True from a step's save to that step's end
 
         #: records SIGTERM/SIGINT and hands them to :meth:`on_SIGTERM` at a consistent point
         self.stop_guard = StopGuard(self.on_SIGTERM, defer=defer_signals)
@@ -279,14 +280,19 @@ class Checkpointer:
     def step(self, value: Any) -> None:
         """Store ``value``; on calls 1, N+1, 2N+1, ... (and every ``checkpoint_interval``
         seconds) also write and transfer the checkpoint."""
-        with self.stop_guard.critical():
-            self.checkpoint_value = value
-            now = time.monotonic()
-            if self.save_policy.due(self.step_counter, now):
-                self._save(value)
-                self.save_policy.saved(self.step_counter, time.monotonic())
-            self.step_counter += 1
-        self.stop_guard.honour()  # the end of a step is consistent, deferring or not
+        try:
+            with self.stop_guard.critical():
+                self.checkpoint_value = value
+                now = time.monotonic()
+                if self.save_policy.due(self.step_counter, now):
+                    self._save(value)
+                    self.save_policy.saved(self.step_counter, time.monotonic())
+                    # A stop that came during this save needs no second one of the same value.
+                    self._saved_this_step = True
+                self.step_counter += 1
+            self.stop_guard.honour()  # the end of a step is consistent, deferring or not
+        finally:
+            self._saved_this_step = False
 
     def checkpoint(self, value: Any = None) -> None:
         """Write the local checkpoint for ``value`` (default: the stored value); no transfer."""
@@ -348,7 +354,10 @@ class Checkpointer:
             self._exit_without_value(name, signalNumber)
             return
         try:
-            self._save_final(self.checkpoint_value)
+            if self._saved_this_step:
+                logger.info("%s came during the save of this step: that checkpoint is the last one", name)
+            else:
+                self._save_final(self.checkpoint_value)
         except Exception as error:
             logger.error("the last checkpoint after %s could not be saved: %s", name, error)
             self._exit(self.exit_code_for(error))

@@ -387,6 +387,8 @@ def test_signal_during_a_slow_write_completes_that_checkpoint_first(tmp_path):
     assert child.finish() == 85, child.output
     assert "never reached" not in child.output
     assert read_int(target) == 67890
+    # The step's own save is the last checkpoint: it is not written a second time.
+    assert child.output.count("writing 67890") == 1, child.output
 
 
 def test_second_signal_during_the_last_checkpoint_does_not_tear_it(tmp_path):
