@@ -7,6 +7,7 @@ Layout of a location (a local directory or ``root://host:port//path``)::
     step-000000000240-5e6f7a8b.ckpt.0000, .0001, ...
                                        a checkpoint larger than ``part_size``, in parts
     step-000000000240-5e6f7a8b.json    its manifest lists the parts (name, size, adler32)
+                                       (a sharded checkpoint's parts are its ranks' files: sharded.py)
     LATEST                             pointer to the newest manifest, with the index: a copy of
                                        every kept manifest (ckpt_tasks/storage/index.py)
 
@@ -55,6 +56,7 @@ from ckpt_tasks.storage.records import (LATEST, Checkpoint, StoredFile, check_st
 from ckpt_tasks.storage.registry import open_location
 from ckpt_tasks.storage.retention import RetentionPolicy, checkpoints_to_delete, policy_from
 from ckpt_tasks.storage.retry import RetryPolicy
+from ckpt_tasks.storage.sharded import fetch_sharded, is_sharded
 from ckpt_tasks.storage.staging import StagingFile
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,13 @@ class CheckpointStore:
                 writer.join()
             staging.close()
 
-    def _commit(self, source: StagingFile, step: int, metadata: dict[str, Any] | None,
+    def commit_published(self, checkpoint: Checkpoint, retention: bool = True) -> Checkpoint:
+        """Commit ``checkpoint``, whose parts are all published already (a sharded one, see
+        ``ckpt_tasks.storage.sharded``): its manifest, then LATEST, as ``save`` does."""
+        check_step(checkpoint.step)
+        return self._commit(checkpoint, checkpoint.step, checkpoint.metadata, retention)
+
+    def _commit(self, source: StagingFile | Checkpoint, step: int, metadata: dict[str, Any] | None,
                 retention: bool) -> Checkpoint:
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
         with ThreadPoolExecutor(1, thread_name_prefix="ckpt-scan") as pool:
@@ -185,7 +193,8 @@ class CheckpointStore:
                 return self._stage_text(LATEST, text) if text is not None else None
 
             try:
-                checkpoint, staged, pointer = self._stage_checkpoint(source, step, stem, metadata, stage_pointer)
+                checkpoint, staged, pointer = ((source, [], _LATER) if isinstance(source, Checkpoint) else
+                                               self._stage_checkpoint(source, step, stem, metadata, stage_pointer))
             except BaseException:
                 scanning.cancel()
                 raise
@@ -297,7 +306,11 @@ class CheckpointStore:
         self._stage_text(name, text).commit()
 
     def _scan(self) -> Scan:
-        return scan_location(self.files, self.retry, self.root, self._path)
+        scan = scan_location(self.files, self.retry, self.root, self._path)
+        # A first save after a restore guesses LATEST from what the restore saw (a commit
+        # and apply_retention replace this with what they left); a wrong guess costs round trips only.
+        self._last_kept = scan.checkpoints or None
+        return scan
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -334,8 +347,11 @@ class CheckpointStore:
     def fetch(self, checkpoint: Checkpoint, dest: str | os.PathLike) -> Path:
         """Download ``checkpoint`` to ``dest`` and check it against its manifest.
 
-        ``dest`` appears complete or not at all; a mismatch raises VerificationError.
+        ``dest`` appears complete or not at all; a mismatch raises VerificationError. A
+        sharded checkpoint becomes the directory ``dest`` of its files.
         """
+        if is_sharded(checkpoint):
+            return fetch_sharded(self, checkpoint, dest)
         return fetch_checked(self.files, self.retry, checkpoint, dest)
 
     def restore(self, dest: str | os.PathLike) -> Checkpoint | None:
