@@ -39,6 +39,9 @@ KINDS = {"x509": X509_PROXY, "proxy": X509_PROXY, X509_PROXY: X509_PROXY,
 #: the least lifetime left by default: a proxy lives hours to days, a WLCG token only
 #: minutes to an hour by design and is renewed by its agent (HTCondor's credmon, oidc-agent)
 DEFAULT_MIN_LIFETIME = {X509_PROXY: dt.timedelta(hours=1), BEARER_TOKEN: dt.timedelta(minutes=5)}
+#: the environment variable that sets the least lifetime (seconds) where no caller names one:
+#: the HTCondor workflow sets it in its jobs from ``--credential-min-lifetime``
+MIN_LIFETIME_VARIABLE = "CKPT_TASKS_CREDENTIAL_MIN_LIFETIME"
 _WHERE = {X509_PROXY: "X509_USER_PROXY, /tmp/x509up_u<uid>",
           BEARER_TOKEN: "BEARER_TOKEN, BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u<uid>, /tmp/bt_u<uid>"}
 
@@ -174,6 +177,20 @@ def _condor_hint(kind: str, environ: Mapping[str, str] | None) -> str:
     return f"; HTCondor gave this job {', '.join(map(str, files))}: set BEARER_TOKEN_FILE to one of them"
 
 
+def configured_min_lifetime(environ: Mapping[str, str] | None = None) -> float | None:
+    """The seconds in :data:`MIN_LIFETIME_VARIABLE`; None when it is unset or empty."""
+    value = (os.environ if environ is None else environ).get(MIN_LIFETIME_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{MIN_LIFETIME_VARIABLE}={value!r}: expected seconds") from None
+    if seconds < 0:
+        raise ValueError(f"{MIN_LIFETIME_VARIABLE}={value!r}: expected seconds >= 0")
+    return seconds
+
+
 def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | None = None,
               expected_duration: dt.timedelta | float | None = None, require: Iterable[str] = (),
               probe: bool = True, deadline: float = 30.0,
@@ -184,7 +201,8 @@ def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | 
     Args:
         location: the store location (a path, ``root://`` or ``roots://``).
         min_lifetime: the least lifetime a credential must have left (timedelta or seconds;
-            None: :data:`DEFAULT_MIN_LIFETIME`, one hour for a proxy, five minutes for a token).
+            None: :data:`MIN_LIFETIME_VARIABLE` when set, else :data:`DEFAULT_MIN_LIFETIME`,
+            one hour for a proxy, five minutes for a token).
         expected_duration: how long the training is expected to run; a credential ending
             earlier gives a warning.
         require: credential kinds that must be found (``"x509"``, ``"token"``); credentials are
@@ -194,6 +212,8 @@ def preflight(location: str | os.PathLike, min_lifetime: dt.timedelta | float | 
         environ: the environment to find credentials in (default ``os.environ``).
     """
     require = tuple(require)
+    if min_lifetime is None:
+        min_lifetime = configured_min_lifetime(environ)
     remote = "://" in os.fspath(location) and not os.fspath(location).startswith("file://")
     credentials: list[Credential] = []
     if remote or require:

@@ -23,22 +23,129 @@ fail_input() {
     exit {{ckpt_software_exit_code}}
 }
 
-# check_and_unpack FILE SIZE SHA256 DIR: the bundle as HTCondor transferred it, size and
-# checksum checked before a byte of it is unpacked.
-check_and_unpack() {
-    # An in-place restart (exit 85 in spool mode) finds the tree unpacked, the bundle removed.
-    local marker="$4/.unpacked-$3"
-    [ -f "${marker}" ] && return 0
+# check_bundle FILE SIZE SHA256: the bundle's size and checksum, before a byte of it is used.
+check_bundle() {
     [ -f "$1" ] || fail_input "$1" "missing from the sandbox (not transferred)"
     local size sha
     size="$(stat -c %s "$1")"
     [ "${size}" = "$2" ] || fail_input "$1" "has ${size} bytes, expected $2 (truncated or replaced)"
     sha="$(sha256sum "$1" | cut -d' ' -f1)"
     [ "${sha}" = "$3" ] || fail_input "$1" "sha256 ${sha}, expected $3 (corrupt)"
+}
+
+# check_and_unpack FILE SIZE SHA256 DIR: the bundle, checked, unpacked into DIR (in the sandbox).
+check_and_unpack() {
+    # An in-place restart (exit 85 in spool mode) finds the tree unpacked, the bundle removed.
+    local marker="$4/.unpacked-$3"
+    [ -f "${marker}" ] && return 0
+    fetch_bundle "$1"
+    check_bundle "$1" "$2" "$3"
     mkdir -p "$4"
     tar -xzf "$1" -C "$4" || fail_input "$1" "cannot be unpacked"
     touch "${marker}"
     rm -f "$1"  # the unpacked tree is what counts; spare the sandbox the copy
+}
+
+# Bundles on the store (law.cfg bundle_store): the job fetches what its worker lacks, and
+# HTCondor transfers nothing. Empty: HTCondor's file transfer brought them.
+bundle_store="{{ckpt_bundle_store}}"
+
+# fetch_bundle NAME: NAME from the bundle store into the sandbox, by the worker's xrdcp or,
+# once an environment is there, its XRootD client. Checked by check_bundle after.
+fetch_bundle() {
+    { [ -n "${bundle_store}" ] && [ ! -f "$1" ]; } || return 0
+    local url="${bundle_store}/$1" out
+    if command -v xrdcp >/dev/null 2>&1; then
+        out="$(xrdcp --nopbar --force "${url}" "$1.part" 2>&1)" ||
+            fail_input "$1" "cannot be fetched from ${bundle_store}: $(echo "${out}" | tail -n 1)"
+    elif [ -n "${python:-}" ]; then
+        out="$("${python}" -c '
+import sys
+from XRootD import client
+job = client.CopyProcess()
+job.add_job(sys.argv[1], sys.argv[2], force=True)
+status = job.prepare()
+if status.ok:
+    status, results = job.run()
+    if status.ok and results and not results[0]["status"].ok:
+        status = results[0]["status"]
+sys.exit(None if status.ok else status.message.strip())' "${url}" "$1.part" 2>&1)" ||
+            fail_input "$1" "cannot be fetched from ${bundle_store}: $(echo "${out}" | tail -n 1)"
+    else
+        fail_input "$1" "cannot be fetched from ${bundle_store}: no XRootD client (xrdcp) on this worker"
+    fi
+    mv -f "$1.part" "$1"
+}
+
+# The worker's cache of unpacked environments, shared by this account's jobs on the worker
+# (law.cfg worker_cache, else $CKPT_TASKS_WORKER_CACHE, else the XDG cache): one entry per
+# environment bundle, env-<sha256[:16]>/, complete when its marker holds the full sha256.
+eval "worker_cache=\"{{ckpt_worker_cache}}\""
+worker_cache="${worker_cache:-${CKPT_TASKS_WORKER_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ckpt_tasks/envs}}"
+readonly cache_marker=".ckpt_tasks-complete"
+
+# usable_cache DIR: DIR exists (made if missing), is this account's, and no other may write it
+# (a tree someone else could change must never run).
+usable_cache() {
+    mkdir -p -m 700 "$1" 2>/dev/null || return 1
+    [ -O "$1" ] && [ -w "$1" ] && [ -z "$(find "$1" -maxdepth 0 -perm /022)" ]
+}
+
+# lock FLOCK-ARGS...: flock where the worker has it; without it the rename below still keeps
+# a half-unpacked tree out of use (two jobs may then unpack the same bundle twice).
+lock() { command -v flock >/dev/null 2>&1 || return 0; flock "$@"; }
+
+complete_entry() { [ "$(cat "$1/${cache_marker}" 2>/dev/null)" = "$2" ]; }
+
+# env_from_cache FILE SIZE SHA256: sets env_dir to the worker cache's tree of that bundle,
+# unpacked there first when missing (once per worker: the first job unpacks under an
+# exclusive lock, the others wait and use its tree); returns 1 when the cache is unusable.
+env_from_cache() {
+    local file="$1" size="$2" sha="$3" entry="${worker_cache}/env-${3:0:16}" tmp
+    usable_cache "${worker_cache}" || return 1
+    # fd 8 stays open for the job's life with a shared lock: no retention removes a tree in use.
+    exec 8>>"${entry}.lock" || return 1
+    lock -s -w 1800 8
+    if ! complete_entry "${entry}" "${sha}"; then
+        lock -x -w 1800 8
+        if ! complete_entry "${entry}" "${sha}"; then
+            fetch_bundle "${file}"
+            check_bundle "${file}" "${size}" "${sha}"
+            # whatever a killed job left half unpacked is never used: under the lock, remove it
+            rm -rf "${worker_cache}/.unpacking-${sha:0:16}-"* "${entry}"
+            tmp="$(mktemp -d "${worker_cache}/.unpacking-${sha:0:16}-XXXXXX")" || return 1
+            if ! tar -xzf "${file}" -C "${tmp}" || [ ! -x "${tmp}/env/bin/python" ]; then
+                rm -rf "${tmp}"
+                return 1  # the cache's disk, most likely: unpack in the sandbox instead
+            fi
+            echo "${sha}" > "${tmp}/env/${cache_marker}"
+            mv -T "${tmp}/env" "${entry}" && rmdir "${tmp}" || return 1
+            env_source="unpacked into the worker cache ${worker_cache}"
+        fi
+        lock -s -w 1800 8
+    fi
+    touch "${entry}/${cache_marker}"  # its last use, for the retention
+    rm -f "${file}"
+    env_dir="${entry}"
+}
+
+# prune_worker_cache KEEP DAYS: entries other than ours that are neither among the KEEP last
+# used nor used within DAYS days go, each only while no job holds its lock.
+prune_worker_cache() {
+    local n=0 entry
+    find "${worker_cache}" -mindepth 2 -maxdepth 2 -name "${cache_marker}" -printf '%T@ %h\n' 2>/dev/null |
+        sort -rn | cut -d' ' -f2- | while read -r entry; do
+            n=$((n + 1))
+            [ "${entry}" = "${env_dir}" ] && continue
+            [ "${n}" -le "$1" ] && continue
+            [ -n "$(find "${entry}/${cache_marker}" -mtime "+$2")" ] || continue
+            (
+                lock -x -n 9 || exit 0
+                # the lock file stays: a job waiting on it must lock the same file as the next one
+                rm -f "${entry}/${cache_marker}" && rm -rf "${entry}"
+                echo "ckpt_tasks job: removed ${entry} from the worker cache (unused for $2 days)"
+            ) 9>>"${entry}.lock"
+        done
 }
 
 case "${software}" in
@@ -55,16 +162,26 @@ case "${software}" in
         export CKPT_TASKS_DATA="${sandbox}/{{ckpt_job_data_dir}}"
         mkdir -p "${CKPT_TASKS_DATA}"
         project="${sandbox}/ckpt_software/code"
-        check_and_unpack "{{ckpt_code_bundle}}" "{{ckpt_code_bundle_size}}" "{{ckpt_code_bundle_sha256}}" "${project}"
+        env_source="image"
         if [ "${software}" = bundle ]; then
-            check_and_unpack "{{ckpt_env_bundle}}" "{{ckpt_env_bundle_size}}" "{{ckpt_env_bundle_sha256}}" \
-                "${sandbox}/ckpt_software"
-            python="${sandbox}/ckpt_software/env/bin/python"
+            env_bundle=("{{ckpt_env_bundle}}" "{{ckpt_env_bundle_size}}" "{{ckpt_env_bundle_sha256}}")
+            env_source="worker cache ${worker_cache} (hit)"
+            if ! env_from_cache "${env_bundle[@]}"; then
+                exec 8>&-
+                env_source="sandbox (worker cache ${worker_cache} not usable)"
+                check_and_unpack "${env_bundle[@]}" "${sandbox}/ckpt_software"
+                env_dir="${sandbox}/ckpt_software/env"
+            fi
+            python="${env_dir}/bin/python"
         else
             python="$(command -v python3)" || fail_input "image" "has no python3 on PATH"
         fi
+        check_and_unpack "{{ckpt_code_bundle}}" "{{ckpt_code_bundle_size}}" "{{ckpt_code_bundle_sha256}}" "${project}"
         echo "ckpt_tasks job: software (${software}) checked and unpacked in" \
-             "$(echo "$(date +%s.%N) - ${started}" | awk '{printf "%.1f", $1 - $3}') s"
+             "$(echo "$(date +%s.%N) - ${started}" | awk '{printf "%.1f", $1 - $3}') s; environment: ${env_source}"
+        if [ "${software}" = bundle ] && [ "${env_dir}" != "${sandbox}/ckpt_software/env" ]; then
+            prune_worker_cache "{{ckpt_worker_cache_keep}}" "{{ckpt_worker_cache_days}}"
+        fi
         ;;
     *)
         echo "ckpt_tasks job: error: unknown software route '${software}'" >&2
@@ -75,6 +192,23 @@ export CKPT_TASKS_ROOT="${project}"
 export LAW_CONFIG_FILE="${project}/law.cfg"
 export LAW_HOME="${sandbox}/.law"
 export PYTHONPATH="${project}${PYTHONPATH:+:${PYTHONPATH}}"
+# Credentials (ckpt_tasks/htcondor/credentials.py). The token route: HTCondor's credmon keeps
+# $_CONDOR_CREDS/<service>.use fresh, where the XRootD client does not look by itself.
+token_service="{{ckpt_token_service}}"
+if [ -n "${token_service}" ]; then
+    if [ -n "${BEARER_TOKEN_FILE:-}" ]; then
+        echo "ckpt_tasks job: bearer token from BEARER_TOKEN_FILE=${BEARER_TOKEN_FILE} (set for the job)"
+    elif [ -f "${_CONDOR_CREDS:-}/${token_service}.use" ]; then
+        export BEARER_TOKEN_FILE="${_CONDOR_CREDS}/${token_service}.use"
+        echo "ckpt_tasks job: bearer token from BEARER_TOKEN_FILE=${BEARER_TOKEN_FILE}"
+    else
+        echo "ckpt_tasks job: warning: no ${token_service}.use in _CONDOR_CREDS=${_CONDOR_CREDS:-(unset)}" \
+             "(use_oauth_services needs a credmon on the access point)" >&2
+    fi
+fi
+# The least lifetime the branch's preflight asks of a credential (--credential-min-lifetime).
+min_lifetime="{{ckpt_credential_min_lifetime}}"
+[ -n "${min_lifetime}" ] && export {{ckpt_min_lifetime_variable}}="${min_lifetime}"
 # An environment that cannot run the task fails here, named, not somewhere inside law.
 if ! import_error="$("${python}" -c "import torch, law, luigi" 2>&1)"; then
     fail_input "environment" "${python} cannot import torch, law and luigi: $(echo "${import_error}" | tail -n 1)"

@@ -20,10 +20,14 @@ What it changes in law's stock workflow:
   (``checkpoint_exit_code``, ``transfer_checkpoint_files``); the training exits
   with 85 every ``--checkpoint-exit-interval`` seconds so HTCondor spools them;
   the checkpoint committed at SIGTERM comes back at eviction (``ON_EXIT_OR_EVICT``
-  with the spool directory as output) into the next sandbox.
+  with the spool directory as output) into the next sandbox;
+- credentials (``credentials.py``): the submitter's proxy goes with the jobs, or the token
+  route (``--credentials token``: ``use_oauth_services``, ``BEARER_TOKEN_FILE`` in the job);
+  before submitting, a preflight checks the credential's lifetime and probes the store.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -35,11 +39,11 @@ law.contrib.load("htcondor")
 
 from law.contrib.htcondor import HTCondorJobManager  # noqa: E402  (needs the contrib loaded)
 
-from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeIntParameter,  # noqa: E402
-                                   PositiveIntParameter)
+from ckpt_tasks.parameters import (CheckedChoiceParameter, NonNegativeFloatParameter,  # noqa: E402
+                                   NonNegativeIntParameter, PositiveIntParameter)
 from ckpt_tasks.htcondor import software as routes  # noqa: E402
+from ckpt_tasks.htcondor import credentials as creds  # noqa: E402
 from ckpt_tasks.htcondor import holds  # noqa: E402
-from ckpt_tasks.jobenv.credentials import CredentialError, find_proxy  # noqa: E402
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -118,8 +122,29 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         description="the image of --software container (docker://, .sif, CVMFS path, URL); "
                     "default: [ckpt_tasks_htcondor] container_image in law.cfg")
 
+    credentials = CheckedChoiceParameter(
+        default=routes.config_default(CONFIG_SECTION, "credentials", "proxy"), choices=list(creds.ROUTES),
+        significant=False, description="how jobs get their storage credential: 'proxy' (x509userproxy) or "
+                                       "'token' (use_oauth_services, needs a credmon); default: "
+                                       "[ckpt_tasks_htcondor] credentials in law.cfg, else proxy")
+    oauth_service = luigi.Parameter(
+        default=routes.config_default(CONFIG_SECTION, "oauth_service", "scitokens"), significant=False,
+        description="the OAuth service of --credentials token (the job's token is "
+                    "$_CONDOR_CREDS/<service>.use); default: [ckpt_tasks_htcondor] oauth_service, else scitokens")
+    credential_min_lifetime = NonNegativeFloatParameter(
+        default=float(routes.config_default(CONFIG_SECTION, "credential_min_lifetime", "0")), significant=False,
+        description="seconds a credential must have left, before submitting and when a job starts; "
+                    "0: 1 hour for a proxy, 5 minutes for a token; default: [ckpt_tasks_htcondor] "
+                    "credential_min_lifetime, else 0")
+    expected_runtime = NonNegativeFloatParameter(
+        default=float(routes.config_default(CONFIG_SECTION, "expected_runtime", "0")), significant=False,
+        description="seconds the jobs are expected to run: a credential that ends earlier gives a warning "
+                    "before submitting; 0: the site's limit among the submit commands (+MaxRuntime, "
+                    "+RequestWalltime, ...), if any; default: [ckpt_tasks_htcondor] expected_runtime, else 0")
+
     exclude_params_branch = {"request_gpus", "request_memory", "request_disk", "request_cpus", "software",
-                             "container_image"}
+                             "container_image", "credentials", "oauth_service", "credential_min_lifetime",
+                             "expected_runtime"}
 
     def htcondor_output_directory(self):
         data = os.path.expandvars(os.environ.get("CKPT_TASKS_DATA", "$CKPT_TASKS_ROOT/data"))
@@ -152,15 +177,12 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
                 "that do not share this file system: use a root:// or roots:// store, or "
                 "--checkpoint-mode spool")
 
-    @staticmethod
-    def _submitter_proxy() -> Path | None:
-        """The X.509 proxy on the submit side, where the XRootD client would find it; None without."""
-        try:
-            proxy = find_proxy()
-        except CredentialError as error:
-            logger.warning("no x509userproxy for the jobs: %s", error)
-            return None
-        return proxy.path if proxy is not None else None
+    @contextlib.contextmanager
+    def htcondor_workflow_run_context(self):
+        # Before anything is submitted: the credential's lifetime and a probe of the store
+        # (credentials.py). A refusal fails the workflow with its reason; no job is submitted.
+        creds.preflight_before_submit(self, CONFIG_SECTION)
+        yield
 
     def htcondor_job_config(self, config, job_num, branches):
         self._check_store_reaches_the_workers()
@@ -176,11 +198,11 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         content.append(("request_disk", self.request_disk))
         if self.request_gpus:
             content.append(("request_gpus", max(self.request_gpus, ranks)))
-        # The submitter's X.509 proxy goes with the job; HTCondor refreshes the job's copy
-        # when the one on the access point is renewed (a token route needs a credmon).
-        proxy = self._submitter_proxy()
-        if proxy is not None:
-            content.append(("x509userproxy", str(proxy)))
+        # The submitter's X.509 proxy goes with the job (HTCondor refreshes the job's copy when
+        # the one on the access point is renewed), or the token route's use_oauth_services.
+        content.extend(creds.submit_commands(self.credentials, self.oauth_service))
+        min_lifetime = self.credential_min_lifetime if self.credential_min_lifetime > 0 else None
+        config.render_variables.update(creds.render_variables(self.credentials, self.oauth_service, min_lifetime))
         # HTCondor sends SIGTERM on eviction; the job script relays it.
         content.append(("kill_sig", "SIGTERM"))
         # Temporary holds are released, crash loops (exit 86) held: ckpt_tasks/htcondor/holds.py.
@@ -204,11 +226,12 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
         # Site additions: every option of [ckpt_tasks_htcondor] in law.cfg is a submit command.
         cfg = law.config.Config.instance()
         if cfg.has_section(CONFIG_SECTION):
-            for option in [o for o in cfg.options(CONFIG_SECTION) if o not in routes.SOFTWARE_OPTIONS]:
+            for option in [o for o in cfg.options(CONFIG_SECTION) if o not in routes.SOFTWARE_OPTIONS
+                           and o not in creds.CREDENTIAL_OPTIONS]:
                 content.append((option, cfg.get_expanded(CONFIG_SECTION, option)))
         routes.configure_job(config, self, branches, route=self.software, root=root,
                                container_image=self.container_image,
-                               cache_dir=routes.config_default(CONFIG_SECTION, "bundle_cache", "") or None)
+                               settings=routes.settings_from_config(CONFIG_SECTION))
         return config
 
 
