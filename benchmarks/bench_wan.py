@@ -146,6 +146,10 @@ def report(results: dict[tuple[int, int], Measurements], size_mib: int) -> bool:
             if goal is not None and seconds / base > goal:
                 met, ratio = False, f"{ratio} (goal {goal})"
             print(f"| {rtt} ms | {kept} | {name} | {trips:g} | {seconds:.3f} | {ratio} |")
+    print("\nround trips of every repetition, in order:")
+    for (rtt, kept), m in sorted(results.items()):
+        print(f"  {rtt} ms, {kept} kept: " + "; ".join(
+            f"{name} {' '.join(str(trips) for trips, _ in m.rows[name])}" for name in ORDER))
     print("\nall goals met" if met else "\nGOALS MISSED (see the ratio column)")
     return met
 

@@ -3,11 +3,16 @@
 Every connection it accepts is forwarded to one upstream address; each chunk of bytes
 is held for the one-way delay (and, with a bandwidth limit, for its time on the line)
 before it is passed on, in order, per direction. It counts round trips as request and
-response turnarounds over all connections together: one round trip is a burst of
-client-to-server bytes that follows server-to-client bytes (or starts the count), and
-each new connection costs one more (its TCP handshake, delayed too).
-Requests sent together (parallel threads, several connections) make one burst, so the
-count is the number of *sequential* round trips, which is what a delay multiplies.
+response turnarounds over all connections together: a round trip begins with
+client-to-server bytes that follow server-to-client bytes (or start the count), at least
+half a round-trip time after the round trip before it began, and each new connection
+costs one more (its TCP handshake, delayed too). A request that depends on an answer goes
+out a whole round-trip time after the request before it at the earliest; requests sent
+together (parallel threads, several connections) fall within the same half, even when one
+thread starts a few milliseconds after another. So the count is the number of
+*sequential* round trips, which is what a delay multiplies. (Counting every burst after
+an answer instead counted two chains of requests a millisecond apart twice: their
+answers came in between.)
 
 It runs in a process of its own (``WanProxy.start``), so the delays do not compete
 for the GIL with the process being measured.
@@ -19,15 +24,17 @@ import multiprocessing
 import socket
 import time
 
-#: indices into the shared counters
-ROUND_TRIPS, CONNECTIONS, BYTES_UP, BYTES_DOWN, LAST_DIRECTION = range(5)
+#: indices into the shared counters (ROUND_STARTED: when the current round trip began, in microseconds)
+ROUND_TRIPS, CONNECTIONS, BYTES_UP, BYTES_DOWN, LAST_DIRECTION, ROUND_STARTED = range(6)
 _UP, _DOWN = 1, 2
 
 
-def _count(counters, direction: int, size: int) -> None:
+def _count(counters, direction: int, size: int, now: float, rtt: float) -> None:
     with counters.get_lock():
-        if direction == _UP and counters[LAST_DIRECTION] != _UP:
+        if direction == _UP and counters[LAST_DIRECTION] != _UP and (
+                counters[ROUND_TRIPS] == 0 or now * 1e6 - counters[ROUND_STARTED] >= rtt * 1e6 / 2):
             counters[ROUND_TRIPS] += 1
+            counters[ROUND_STARTED] = int(now * 1e6)
         counters[LAST_DIRECTION] = direction
         counters[BYTES_UP if direction == _UP else BYTES_DOWN] += size
 
@@ -56,8 +63,8 @@ async def _forward(reader, writer, direction: int, delay: float, bandwidth: floa
     sender = asyncio.ensure_future(deliver())
     try:
         while data := await reader.read(1 << 16):
-            _count(counters, direction, len(data))
             now = loop.time()
+            _count(counters, direction, len(data), now, 2 * delay)
             if bandwidth:
                 line_free = max(line_free, now) + len(data) / bandwidth
                 now = line_free
@@ -75,10 +82,15 @@ async def _forward(reader, writer, direction: int, delay: float, bandwidth: floa
 async def _serve(listener: socket.socket, upstream: tuple[str, int], delay: float, bandwidth: float | None,
                  counters) -> None:
     async def handle(client_reader, client_writer) -> None:
+        # asyncio leaves Nagle on for sockets accepted from a listener made with proto 0: a
+        # small answer right behind another then waited for the client's delayed ACK (40 ms).
+        client_writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with counters.get_lock():
             # A real link spends one round trip on the TCP handshake before the first byte.
             counters[CONNECTIONS] += 1
             counters[ROUND_TRIPS] += 1
+            # The client's first request leaves a round trip after the handshake began.
+            counters[ROUND_STARTED] = int((asyncio.get_running_loop().time() - 2 * delay) * 1e6)
             counters[LAST_DIRECTION] = _DOWN
         try:
             server_reader, server_writer = await asyncio.open_connection(*upstream)
@@ -109,7 +121,7 @@ class WanProxy:
     def __init__(self, upstream: tuple[str, int], rtt: float, bandwidth: float | None = None):
         self.upstream, self.rtt, self.bandwidth = upstream, rtt, bandwidth
         context = multiprocessing.get_context("spawn")  # no fork of a process holding an XRootD client
-        self._counters = context.Array("q", 5)
+        self._counters = context.Array("q", 6)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._process = context.Process(target=_run, daemon=True,

@@ -3,12 +3,14 @@ checkpoints; a stale or damaged one is detected, read around and rebuilt."""
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 
 import pytest
 
 from ckpt_tasks.errors import VerificationError
-from ckpt_tasks.storage.index import pointer_text
+from ckpt_tasks.storage.index import manifest_fields, pointer_text
+from ckpt_tasks.storage.records import manifest_text
 from ckpt_tasks.storage.store import LATEST
 from store_helpers import make_file, read_latest
 
@@ -100,3 +102,51 @@ def test_a_stale_index_is_read_around(location, tmp_path):
     assert reader.latest() == later
     reader.apply_retention()
     assert read_latest(location)["step"] == 9 and len(read_latest(location)["index"]) == 4
+
+
+def test_the_index_copies_each_manifest_exactly(location, tmp_path):
+    """The index entries are built without parsing each manifest's text, and are still what it says."""
+    store = location.store(keep_last=5, part_size=1000)
+    one_file = store.save(make_file(tmp_path, 1, 900), 1, metadata={"loss": 0.5, "tags": ["a", "b"]})
+    in_parts = store.save(make_file(tmp_path, 2, 3000), 2)
+    assert in_parts.parts and not one_file.parts
+    for checkpoint in (one_file, in_parts):
+        assert manifest_fields(checkpoint) == json.loads(manifest_text(checkpoint))
+        on_disk = json.loads((location.on_disk / checkpoint.manifest_name).read_text())
+        assert {**on_disk, "path": None} == {**manifest_fields(checkpoint), "path": None}
+    assert read_latest(location)["index"] == [manifest_fields(one_file), manifest_fields(in_parts)]
+
+
+def _first_save_waits_for_the_listing(location, tmp_path, step: int, restore_first: bool) -> bool:
+    """Whether a new store's first save staged LATEST only after its listing came back."""
+    store = location.store(keep_last=3)
+    if restore_first:
+        assert store.restore(tmp_path / "restored") is not None
+    latest_staged = threading.Event()
+    waited: list[bool] = []
+    upload, listdir = store.files.upload, store.files.listdir
+
+    def recording_upload(local, dest, *args, **kwargs):
+        if f".{LATEST}.partial-" in str(dest):
+            latest_staged.set()
+        return upload(local, dest, *args, **kwargs)
+
+    def holding_listdir(*args, **kwargs):
+        # The listing is held back until LATEST is staged (or 2 s have passed, when it is not).
+        waited.append(not latest_staged.wait(2))
+        return listdir(*args, **kwargs)
+
+    store.files.upload, store.files.listdir = recording_upload, holding_listdir
+    saved = store.save(make_file(tmp_path, step, 3000), step)
+    assert location.store().latest() == saved
+    return waited[0]
+
+
+def test_a_save_after_a_restore_stages_latest_beside_the_data(location, tmp_path):
+    """A resumed training's first save guesses LATEST from what its restore saw, so the new LATEST
+    goes up beside the data, not after the listing (3 round trips fewer, benchmarks/bench_wan.py)."""
+    writer = location.store(keep_last=3)
+    for step in range(3):
+        writer.save(make_file(tmp_path, step, 3000), step)
+    assert _first_save_waits_for_the_listing(location, tmp_path, 3, restore_first=False)
+    assert not _first_save_waits_for_the_listing(location, tmp_path, 4, restore_first=True)
