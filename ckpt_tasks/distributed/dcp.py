@@ -50,6 +50,7 @@ from ckpt_tasks.storage.sharded import SHARDED_KEY, PublishedShard, ShardedCommi
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import (CURRENT_DCP_VERSION, FileSystemReader, FileSystemWriter,
                                                      _StorageInfo, _StoragePrefix)
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -59,7 +60,7 @@ from torch.futures import Future
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DCP_LAYOUT", "StoreReader", "StoreWriter", "load_sharded", "save_sharded"]
+__all__ = ["DCP_LAYOUT", "ShardedCheckpointError", "StoreReader", "StoreWriter", "load_sharded", "save_sharded"]
 
 #: the layout a sharded manifest names for DCP's files
 DCP_LAYOUT = "torch.distributed.checkpoint"
@@ -292,12 +293,23 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+class ShardedCheckpointError(CkptTasksError):
+    """A sharded save or load failed on one or more ranks (every rank raises it)."""
+
+
 @contextlib.contextmanager
-def _one_process_quietly() -> Iterator[None]:
-    """Without a process group DCP warns that it assumes one process: that is meant here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _dcp_call(what: str) -> Iterator[None]:
+    """DCP's call, quiet about one process (meant here), and its CheckpointException (a
+    BaseException, which ``except Exception`` would miss) as a ShardedCheckpointError that
+    names each rank's error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    except CheckpointException as error:
+        causes = "; ".join(f"rank {rank}: {type(cause).__name__}: {cause}"
+                           for rank, (cause, _) in sorted(error.failures.items()))
+        raise ShardedCheckpointError(f"{what} failed ({causes})") from error
 
 
 def _from_coordinator(value: Any, group: Any) -> Any:
@@ -318,11 +330,12 @@ def save_sharded(state_dict: dict[str, Any], store: Any, step: int, *, metadata:
 
     A collective: every rank of ``process_group`` (default: the world) calls it with its
     own store object of the same location. Complete or absent (see the module docstring);
-    an error on any rank raises on every rank.
+    an error on any rank raises ShardedCheckpointError on every rank (a rank that died
+    fails the others' collective: a RuntimeError, or ShardedCheckpointError).
     """
     writer = StoreWriter(store, step, metadata=metadata, retention=retention, staging_dir=staging_dir)
     try:
-        with _one_process_quietly():
+        with _dcp_call(f"saving the sharded checkpoint of step {step}"):
             dcp.save(state_dict, storage_writer=writer, planner=planner, process_group=process_group,
                      no_dist=not _distributed())
     finally:
@@ -372,7 +385,7 @@ def load_sharded(state_dict: dict[str, Any], store: Any, step: int | None = None
         return None
     reader = StoreReader(store, choice, staging_dir=staging_dir)
     try:
-        with _one_process_quietly():
+        with _dcp_call(f"loading the sharded checkpoint of step {choice.step}"):
             dcp.load(state_dict, storage_reader=reader, planner=planner, process_group=process_group,
                      no_dist=not _distributed())
     finally:
