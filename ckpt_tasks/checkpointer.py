@@ -261,6 +261,12 @@ class Checkpointer:
         """Whether a SIGTERM/SIGINT was recorded and not honoured yet."""
         return self.stop_guard.requested is not None
 
+    @property
+    def step_saved(self) -> bool:
+        """Whether the step in progress has saved its value already (from that save to the
+        step's end, where a stop recorded during the save is honoured)."""
+        return self._saved_this_step
+
     def stop_if_requested(self) -> None:
         """At a consistent point: after a recorded signal, save the last checkpoint and exit."""
         self.stop_guard.honour()
@@ -354,10 +360,7 @@ class Checkpointer:
             self._exit_without_value(name, signalNumber)
             return
         try:
-            if self._saved_this_step:
-                logger.info("%s came during the save of this step: that checkpoint is the last one", name)
-            else:
-                self._save_final(self.checkpoint_value)
+            self._save_final(self.checkpoint_value)
         except Exception as error:
             logger.error("the last checkpoint after %s could not be saved: %s", name, error)
             self._exit(self.exit_code_for(error))

@@ -7,10 +7,13 @@ in the caller's thread.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ckpt_tasks.checkpointer import Checkpointer
+
+logger = logging.getLogger(__name__)
 
 
 class Committer(Protocol):
@@ -37,4 +40,9 @@ class WriteAndTransfer:
         self.checkpointer.checkpoint(value)
         self.checkpointer.transfer_checkpoint_files()
 
-    save_final = save
+    def save_final(self, value: Any) -> None:
+        if self.checkpointer.step_saved:
+            # The stop came during this step's own save, which has just been transferred.
+            logger.info("the checkpoint of this step, saved just now, is the last one")
+            return
+        self.save(value)
