@@ -116,6 +116,28 @@ class StopAgreement:
             logger.info("the ranks agreed to stop after step %d", step)
         return Decision(stop, save) if (stop or save) else NOTHING
 
+    def settle(self, step: int) -> Decision:
+        """After the last step: the collective in flight, then one more synchronous round.
+
+        A collective like :meth:`agree`, called by every rank once its loop is over (every
+        rank has run the same steps). It tells every rank whether any of them asked for a
+        stop or a save after the agreements so far, so that a signal during the last step
+        is honoured alike on all of them.
+        """
+        import torch.distributed as dist
+
+        decision = NOTHING
+        if self._pending is not None:
+            work, flags = self._pending
+            self._pending = None
+            work.wait()
+            decision = self._decision(flags, step)
+        flags = self._buffers[0]
+        flags[0], flags[1] = int(self.requested), 0
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        last = self._decision(flags, step)
+        return Decision(decision.stop or last.stop, decision.save or last.save)
+
     def finish(self) -> None:
         """Wait for the collective in flight (before the process group goes away)."""
         if self._pending is not None:

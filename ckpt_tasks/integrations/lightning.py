@@ -45,6 +45,7 @@ import torch
 
 from ckpt_tasks.errors import CkptTasksError
 from ckpt_tasks.integrations import FrameworkCheckpointer, open_store
+from ckpt_tasks.integrations.lightning_ranks import LightningRanks, is_distributed
 from ckpt_tasks.state import capture_rng_state, restore_rng_state
 from ckpt_tasks.transfer import StoreTransfer
 
@@ -84,7 +85,8 @@ class LightningCheckpointerCallback(pl.Callback):
                  workdir: str | os.PathLike | None = None, **checkpointer_kwargs):
         super().__init__()
         self._trainer: pl.Trainer | None = None
-        self._pending_rng = None
+        self._pending_state: dict | None = None
+        self._ranks: LightningRanks | None = None
         self._restore_called = False
         self._restored_path: Path | None = None
         self.store = None
@@ -98,6 +100,8 @@ class LightningCheckpointerCallback(pl.Callback):
             self._workdir = Path(workdir or tempfile.mkdtemp(
                 prefix="ckpt-lightning-", dir=os.environ.get("_CONDOR_SCRATCH_DIR")))
             self._own_workdir = workdir is None
+            self._cadence = (checkpoint_every or 100,
+                             600.0 if checkpoint_interval is None else (checkpoint_interval or None))
             self.transfer = StoreTransfer(self.store, step_of=self._step, params=dict(params or {}),
                                           metadata_of=self._position)
             self.checkpointer = FrameworkCheckpointer(
@@ -140,15 +144,19 @@ class LightningCheckpointerCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning saves no random states; a resumed run needs them to draw the same
-        # dropout masks (and anything else) as an uninterrupted one.
-        return {"format": STATE_FORMAT, "rng": capture_rng_state()}
+        # dropout masks (and anything else) as an uninterrupted one. On several ranks
+        # rank 0 writes the checkpoint: it carries every rank's states, gathered at the save.
+        state = {"format": STATE_FORMAT, "rng": capture_rng_state()}
+        if self._ranks is not None and self._ranks.rank_rngs is not None:
+            state["ranks"] = self._ranks.rank_rngs
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown {type(self).__name__} state format {state_dict.get('format')!r}")
         # Applied when training starts: sanity checks and set-up between here and there
         # must not shift the generators.
-        self._pending_rng = state_dict["rng"]
+        self._pending_state = state_dict
 
     # -- the seed's API ---------------------------------------------------------------------------
 
@@ -174,6 +182,9 @@ class LightningCheckpointerCallback(pl.Callback):
         self._trainer = trainer
         self.checkpointer.checkpoint_value = trainer
         if self.store is None:
+            if is_distributed(trainer):
+                raise CkptTasksError("the seed's local_checkpoint_file mode runs on one process; on several "
+                                     "ranks give store= (a CheckpointStore location)")
             return
         # Never train from scratch over an existing checkpoint (the most common way to lose work).
         if not self._restore_called:
@@ -189,14 +200,26 @@ class LightningCheckpointerCallback(pl.Callback):
         elif self._restored_path is not None and trainer.ckpt_path is None:
             raise CkptTasksError("callback.restore() found a checkpoint but trainer.fit was not given it: "
                                  "trainer.fit(..., ckpt_path=callback.restore())")
+        if is_distributed(trainer):
+            self._ranks = LightningRanks(
+                trainer, commit=lambda: self.checkpointer.write_and_transfer(trainer),
+                save_checkpoint=lambda: self._save(self._workdir / "rank-part.ckpt", trainer),
+                exit_code_for=self.checkpointer.exit_code_for, checkpoint_every=self._cadence[0],
+                checkpoint_interval=self._cadence[1],
+                restored_step=self.transfer.restored.step if self._restored_path is not None else None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            ranks = state.get("ranks") if self._ranks is not None else None
+            own = ranks[self._ranks.rank] if ranks and self._ranks.rank < len(ranks) else state["rng"]
+            restore_rng_state(own)
         # Lightning registered its SIGTERM handler just before; ours replaces it while the
         # training loop runs (see the README, "Signals") and gives it back at the end.
-        self.checkpointer.install_signal_handlers()
+        if self._ranks is not None:
+            self._ranks.install()
+        else:
+            self.checkpointer.install_signal_handlers()
         # A SIGTERM between Lightning's handler and ours (the sanity check, data set-up) set
         # received_sigterm: Lightning would raise SystemExit() (exit 0) at the first batch end.
         if getattr(trainer, "received_sigterm", False):
@@ -204,12 +227,17 @@ class LightningCheckpointerCallback(pl.Callback):
             connector = getattr(trainer, "_signal_connector", None)
             if connector is not None and hasattr(connector, "received_sigterm"):
                 connector.received_sigterm = False
-            self.checkpointer.stop_guard.request(signal.SIGTERM)
+            if self._ranks is not None:
+                self._ranks.request(signal.SIGTERM)
+            else:
+                self.checkpointer.stop_guard.request(signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self._at_optimizer_step(trainer, batch_idx):
             return  # in the middle of gradient accumulation the state is not complete
-        if self.store is not None:
+        if self._ranks is not None:
+            self._ranks.after_step(int(trainer.global_step))  # every rank: agree, then save or stop alike
+        elif self.store is not None:
             self.checkpointer.step(trainer)  # commits when due; honours a recorded signal
         else:
             self.checkpointer.stop_if_requested()
@@ -229,13 +257,20 @@ class LightningCheckpointerCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A signal after the last batch: the training is done; commit it and stop as asked.
+        if self._ranks is not None:
+            self._ranks.after_training(int(trainer.global_step))
+            self._ranks.close()
         self.checkpointer.stop_if_requested()
         self.checkpointer.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._ranks is not None:
+            self._ranks.close()
         self.checkpointer.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._ranks is not None:
+            self._ranks.close()
         self.checkpointer.close()
         if self._own_workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -254,6 +289,11 @@ class SeededBatches:
     Lightning saves and restores it with the trainer's checkpoint (it has ``state_dict`` and
     ``load_state_dict``) and tells it the epoch (``sampler.set_epoch``). It never draws from
     the global random generators.
+
+    On several ranks (a ``torch.distributed`` process group, as ``strategy="ddp"`` makes)
+    each rank takes its share of the epoch's permutation,
+    :func:`~ckpt_tasks.distributed.sampler.rank_order`: every ``world_size``-th sample from
+    its rank, padded so that every rank has the same number of batches.
 
     Args:
         *tensors: tensors with the same first dimension (e.g. features and labels).
@@ -275,17 +315,26 @@ class SeededBatches:
         self._position = 0  # batches of the current epoch handed out
         self._resume: dict | None = None
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        # Read when iterated and sized, after Lightning has joined the process group.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return -(-len(self.tensors[0]) // self.batch_size)
+        per_rank = -(-len(self.tensors[0]) // self._world()[1])
+        return -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
 
     def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.tensors[0]))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.tensors[0]), generator=generator)
+        """This rank's sample indices in ``epoch`` (all of them on one rank)."""
+        from ckpt_tasks.distributed.sampler import rank_order
+
+        rank, world_size = self._world()
+        return rank_order(len(self.tensors[0]), self.seed, epoch, rank, world_size, shuffle=self.shuffle)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         return self._batches()
@@ -304,11 +353,18 @@ class SeededBatches:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed}
+        state = {"epoch": self._epoch, "position": self._position, "seed": self.seed}
+        world_size = self._world()[1]
+        if world_size > 1:
+            state["world_size"] = world_size
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError(f"the checkpoint's batches were shuffled with seed {state.get('seed')}, "
                              f"these with {self.seed}")
+        if state.get("world_size", 1) != self._world()[1]:
+            raise ValueError(f"the checkpoint's position is in an epoch split over {state.get('world_size', 1)} "
+                             f"ranks, this training has {self._world()[1]}")
         self._resume = {"epoch": int(state["epoch"]), "position": int(state["position"])}
         self._epoch = int(state["epoch"])
