@@ -414,3 +414,181 @@ def test_a_corrupt_bundle_holds_the_job_with_the_reason(htcondor_pool, workdir):
     assert "software is unusable" in reason, reason
     (stderr,) = (workdir / "data" / "htcondor").glob("TrainTask/*/stderr_0To1.txt")
     assert f"software bundle {code.name}: sha256" in stderr.read_text()
+
+
+# -- the worker's cache of unpacked environments, the bundle store, the retention ------------------
+
+@pytest.fixture
+def law_option():
+    """Set options of law.cfg's [ckpt_tasks_htcondor] for one test (the workflow reads them at
+    submission, in this process); removed again after."""
+    import law
+
+    cfg, added = law.config.Config.instance(), []
+
+    def set_option(option: str, value: str) -> None:
+        cfg.set("ckpt_tasks_htcondor", option, value)
+        added.append(option)
+
+    yield set_option
+    for option in added:
+        cfg.remove_option("ckpt_tasks_htcondor", option)
+
+
+def bundle_job(tmp_path, monkeypatch, *args: str) -> tuple[str, dict]:
+    """The bundle route's job script and its bundles by render key (name, size, sha256)."""
+    _, script, _ = render(tmp_path, monkeypatch, "--software", "bundle", *args)
+    found = re.findall(r'"(\S+\.tar\.gz)" "(\d+)" "([0-9a-f]{64})"', script)
+    bundles = {("env" if name.startswith("env-") else "code"): (name, int(size), sha)
+               for name, size, sha in found}
+    assert set(bundles) == {"env", "code"}, found
+    return script, bundles
+
+
+def transferred(sandbox: Path, *names: str) -> Path:
+    """A sandbox holding ``names`` from the bundle cache, as HTCondor's transfer leaves them."""
+    sandbox.mkdir(parents=True)
+    for name in names:
+        os.link(bundle.default_cache_dir() / name, sandbox / name)
+    return sandbox
+
+
+def run_bundle_job(script: str, sandbox: Path, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    """job.sh with no branch to run: the software phase and the import check only."""
+    empty = base64.b64encode(b"").decode()
+    return subprocess.run(["bash", "-c", script, "job.sh", "workflows.train", "TrainTask", empty, empty, "1",
+                           "no", ""], cwd=sandbox, capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(sandbox),
+                               "CKPT_TASKS_WORKER_CACHE": str(cache), **env})
+
+
+def software_line(result: subprocess.CompletedProcess) -> tuple[float, str]:
+    """Seconds of the software phase and where the environment came from, from the job's log."""
+    match = re.search(r"software \(bundle\) checked and unpacked in ([\d.]+) s; environment: (.*)", result.stdout)
+    assert result.returncode == 0 and match, result.stdout + result.stderr
+    return float(match.group(1)), match.group(2)
+
+
+def test_the_environment_is_unpacked_once_per_worker_and_later_jobs_use_it(tmp_path, monkeypatch, env_bundle):
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    (env_name, _, env_sha), (code_name, _, _) = bundles["env"], bundles["code"]
+    cache = tmp_path / "worker-cache"
+    first = run_bundle_job(script, transferred(tmp_path / "job1", env_name, code_name), cache)
+    _, source = software_line(first)
+    entry = cache / f"env-{env_sha[:16]}"
+    assert source.startswith("unpacked into the worker cache"), source
+    assert (entry / ".ckpt_tasks-complete").read_text().strip() == env_sha
+    assert not (tmp_path / "job1" / "ckpt_software" / "env").exists()  # not in the sandbox as well
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    # a later job on this worker: the tree is used as it is, the transferred bundle not even read
+    second = run_bundle_job(script, transferred(tmp_path / "job2", env_name, code_name), cache)
+    seconds, source = software_line(second)
+    assert source.endswith("(hit)") and seconds < 2.0, (seconds, source)
+    assert not (tmp_path / "job2" / env_name).exists()
+
+
+def test_a_half_unpacked_or_foreign_tree_in_the_worker_cache_is_never_used(tmp_path, monkeypatch, env_bundle):
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    (env_name, _, env_sha), (code_name, _, _) = bundles["env"], bundles["code"]
+    cache = tmp_path / "worker-cache"
+    entry = cache / f"env-{env_sha[:16]}"
+    # a job killed while renaming (a tree, no marker) and one killed while unpacking
+    (entry / "bin").mkdir(parents=True)
+    (entry / "bin" / "python").write_text("#!/bin/sh\nexit 3\n")
+    (cache / f".unpacking-{env_sha[:16]}-dead00").mkdir()
+    cache.chmod(0o700)
+    _, source = software_line(run_bundle_job(script, transferred(tmp_path / "job", env_name, code_name), cache))
+    assert source.startswith("unpacked into the worker cache"), source
+    assert (entry / ".ckpt_tasks-complete").read_text().strip() == env_sha
+    assert not list(cache.glob(".unpacking-*"))
+    # a marker of another bundle is no marker of this one
+    (entry / ".ckpt_tasks-complete").write_text("0" * 64 + "\n")
+    _, source = software_line(run_bundle_job(script, transferred(tmp_path / "job2", env_name, code_name), cache))
+    assert source.startswith("unpacked into the worker cache"), source
+
+
+def test_a_worker_cache_others_may_write_is_not_used(tmp_path, monkeypatch, env_bundle):
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    cache.mkdir()
+    cache.chmod(0o777)  # anyone could put a tree of their own there
+    result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]), cache)
+    _, source = software_line(result)
+    assert source.startswith("sandbox (worker cache") and "not usable" in source, source
+    assert (tmp_path / "job" / "ckpt_software" / "env" / "bin" / "python").is_file()
+    assert not list(cache.iterdir())
+
+
+def test_two_jobs_starting_at_once_unpack_the_environment_once(tmp_path, monkeypatch, env_bundle):
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    empty = base64.b64encode(b"").decode()
+    jobs = []
+    for n in (1, 2):
+        sandbox = transferred(tmp_path / f"job{n}", bundles["env"][0], bundles["code"][0])
+        jobs.append(subprocess.Popen(
+            ["bash", "-c", script, "job.sh", "workflows.train", "TrainTask", empty, empty, "1", "no", ""],
+            cwd=sandbox, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(sandbox), "CKPT_TASKS_WORKER_CACHE": str(cache)}))
+    results = [subprocess.CompletedProcess(job.args, job.wait(timeout=600), *job.communicate()) for job in jobs]
+    sources = [software_line(result)[1] for result in results]
+    assert sorted(s.endswith("(hit)") for s in sources) == [False, True], sources
+    assert sum(s.startswith("unpacked into the worker cache") for s in sources) == 1, sources
+
+
+def test_the_worker_cache_keeps_recent_and_locked_environments(tmp_path, monkeypatch, env_bundle, law_option):
+    law_option("worker_cache_keep", "1")
+    law_option("worker_cache_days", "14")
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    cache.mkdir(mode=0o700)
+    old = 40 * 86400
+    for name, age in (("env-0000000000000old", old), ("env-00000000000recent", 3600), ("env-000000000inuse", old)):
+        (cache / name).mkdir()
+        marker = cache / name / ".ckpt_tasks-complete"
+        marker.write_text("x\n")
+        os.utime(marker, (marker.stat().st_mtime - age,) * 2)
+    # a job still running with an old environment holds its lock (shared)
+    holder = subprocess.Popen(["flock", "-s", str(cache / "env-000000000inuse.lock"), "sleep", "300"])
+    try:
+        wait_until(lambda: (cache / "env-000000000inuse.lock").exists(), 10, "the lock holder")
+        result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]), cache)
+    finally:
+        holder.kill()
+        holder.wait()
+    software_line(result)
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert left == ["env-000000000inuse", "env-00000000000recent", f"env-{bundles['env'][2][:16]}"], left
+    assert "removed" in result.stdout and "env-0000000000000old" in result.stdout
+
+
+def test_the_submit_side_cache_keeps_the_last_used_and_the_recent_bundles(tmp_path):
+    from ckpt_tasks.htcondor.bundlecache import Retention, prune
+
+    now = 1_000_000_000.0
+    ages = {"code-a": 1, "code-b": 2, "code-c": 30, "code-d": 40, "env-x": 50, "env-y": 60}
+    for name, days in ages.items():
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(b"x")
+        path.with_name(path.name + ".sha256").write_text("x\n")
+        os.utime(path, (now - days * 86400,) * 2)
+    (tmp_path / ".code-123.tar.gz").write_bytes(b"half")  # a build killed halfway
+    os.utime(tmp_path / ".code-123.tar.gz", (now - 2 * 86400,) * 2)
+    removed = prune(tmp_path, Retention(keep=1, days=14), now=now)
+    # code: a is the last used, b is recent; c and d are neither. env: x is the last used.
+    assert sorted(p.name for p in removed) == ["code-c.tar.gz", "code-d.tar.gz", "env-y.tar.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "code-a.tar.gz", "code-a.tar.gz.sha256", "code-b.tar.gz", "code-b.tar.gz.sha256",
+        "env-x.tar.gz", "env-x.tar.gz.sha256"]
+    with pytest.raises(ValueError):
+        Retention(keep=0)
+
+
+def test_bad_software_settings_are_refused_at_submission():
+    with pytest.raises(ValueError, match="root://"):
+        software.Settings(bundle_store="/local/bundles")
+    with pytest.raises(ValueError, match="query"):
+        software.Settings(bundle_store="root://host//bundles?authz=secret")
+    with pytest.raises(ValueError, match="worker_cache"):
+        software.Settings(worker_cache='/tmp/x"; rm -rf /')
+    assert software.Settings(bundle_store="root://host//b/").bundle_store == "root://host//b"

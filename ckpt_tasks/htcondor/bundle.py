@@ -186,6 +186,7 @@ def build_code_bundle(root: Path, cache_dir: Path | None = None) -> BundleFile:
     target = cache_dir / f"code-{sha[:16]}.tar.gz"
     if target.is_file() and sha256_of(target) == sha:
         scratch.unlink()
+        os.utime(target)  # its last use, for the cache's retention (bundlecache.prune)
         logger.info("code bundle %s reused (%d files)", target.name, len(names))
     else:
         os.replace(scratch, target)

@@ -130,6 +130,9 @@ def build_env_bundle(cache_dir: Path | None = None, requirements=RUNTIME_REQUIRE
     dists = dependency_closure(requirements)
     target = cache_dir / f"env-{environment_key(dists)}.tar.gz"
     if target.is_file():
+        from ckpt_tasks.htcondor.bundlecache import touch
+
+        touch(target)  # its last use, for the cache's retention (bundlecache.prune)
         logger.info("environment bundle %s reused", target.name)
         return _bundle_file(target)
     cache_dir.mkdir(parents=True, exist_ok=True)

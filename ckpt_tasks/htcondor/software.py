@@ -5,8 +5,11 @@
     file system); the job script runs them there.
 ``bundle``
     The job gets the code bundle and the environment bundle (:mod:`.bundle`,
-    :mod:`.envbundle`) through HTCondor's file transfer, checks their size and sha256,
-    unpacks them in its sandbox and runs from there: nothing of the submit machine is used.
+    :mod:`.envbundle`) through HTCondor's file transfer or, with ``bundle_store``, from the
+    XRootD store (:mod:`.bundlecache`), checks their size and sha256 and runs from there:
+    nothing of the submit machine is used. The environment is unpacked once per worker into
+    its cache (``worker_cache``), keyed by the bundle's sha256, and reused by later jobs;
+    with a bundle store a job whose worker has it fetches nothing.
 ``container``
     HTCondor's container universe with ``container_image`` (``docker://``, a ``.sif``, a
     CVMFS path or URL): the image brings Python and the dependencies (``containers/``),
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import law
@@ -33,7 +38,11 @@ logger = logging.getLogger(__name__)
 
 ROUTES = ("shared", "bundle", "container")
 #: options of the workflow's law.cfg section that configure the software, not submit commands
-SOFTWARE_OPTIONS = frozenset({"software", "container_image", "bundle_cache"})
+SOFTWARE_OPTIONS = frozenset({"software", "container_image", "bundle_cache", "bundle_cache_keep",
+                              "bundle_cache_days", "bundle_store", "worker_cache", "worker_cache_keep",
+                              "worker_cache_days"})
+#: what a worker_cache may hold: a path, with $VAR / ${VAR} expanded by the job on the worker
+_WORKER_CACHE_RE = re.compile(r"^[A-Za-z0-9_./${}:~+-]*$")
 #: the sandbox directory that stands for $CKPT_TASKS_DATA in a job of the bundle/container routes
 JOB_DATA_DIR = "ckpt_data"
 #: the job's exit code when its software is unusable (a bundle missing, truncated, corrupt; an
@@ -49,30 +58,106 @@ def config_default(section: str, option: str, default: str) -> str:
     return default
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The software options of law.cfg's workflow section (:func:`settings_from_config`).
+
+    ``cache_dir``: the submit side's bundle cache (None: :func:`.bundle.default_cache_dir`);
+    ``cache_retention``: what it keeps; ``bundle_store``: a root:// URL the bundles are
+    uploaded to and fetched from by the jobs ('' : HTCondor's file transfer);
+    ``worker_cache``: the worker's cache of unpacked environments, a path on the worker,
+    ``$VAR`` expanded there ('': ``$CKPT_TASKS_WORKER_CACHE``, else
+    ``${XDG_CACHE_HOME:-$HOME/.cache}/ckpt_tasks/envs``); ``worker_retention``: what it keeps.
+    """
+
+    cache_dir: str | None = None
+    cache_retention: object = None
+    bundle_store: str = ""
+    worker_cache: str = ""
+    worker_retention: object = None
+
+    def __post_init__(self):
+        from ckpt_tasks.htcondor.bundlecache import Retention, check_store_url
+
+        if self.cache_retention is None:
+            object.__setattr__(self, "cache_retention", Retention())
+        if self.worker_retention is None:
+            object.__setattr__(self, "worker_retention", Retention())
+        if self.bundle_store:
+            object.__setattr__(self, "bundle_store", check_store_url(self.bundle_store))
+        if not _WORKER_CACHE_RE.match(self.worker_cache):
+            raise ValueError(f"worker_cache {self.worker_cache!r}: only a path with $VAR or ${{VAR}} "
+                             "(no quotes, spaces or other shell syntax)")
+
+
+def _raw_option(section: str, option: str) -> str:
+    # Not expanded here: $VARs of worker_cache belong to the worker, not to the submit side.
+    cfg = law.config.Config.instance()
+    if cfg.has_section(section) and cfg.has_option(section, option):
+        return cfg.get(section, option, raw=True) or ""
+    return ""
+
+
+def settings_from_config(section: str) -> Settings:
+    """The :class:`Settings` of ``[section]`` in law.cfg (defaults where an option is absent)."""
+    from ckpt_tasks.htcondor.bundlecache import Retention
+
+    def retention(prefix: str) -> Retention:
+        return Retention(keep=int(config_default(section, f"{prefix}_keep", "3")),
+                         days=float(config_default(section, f"{prefix}_days", "14")))
+
+    return Settings(cache_dir=config_default(section, "bundle_cache", "") or None,
+                    cache_retention=retention("bundle_cache"),
+                    bundle_store=config_default(section, "bundle_store", ""),
+                    worker_cache=_raw_option(section, "worker_cache"),
+                    worker_retention=retention("worker_cache"))
+
+
 def submit_data_dir(root: str) -> str:
     """The submit side's ``$CKPT_TASKS_DATA`` (default ``<root>/data``), absolute."""
     return os.path.abspath(os.path.expandvars(os.environ.get("CKPT_TASKS_DATA", os.path.join(root, "data"))))
 
 
-def _add_bundle(config, key: str, bundle) -> None:
-    # Not copied into law's job directory (it may be GB): transferred from the cache as it is.
-    config.input_files[key] = law.JobInputFile(str(bundle.path), copy=False)
-    config.render_variables[f"{key}_size"] = str(bundle.size)
-    config.render_variables[f"{key}_sha256"] = bundle.sha256
+#: bundles this process put on a store already (a workflow submits one job per branch)
+_published: dict[tuple[str, str], str] = {}
+#: bundle caches this process pruned already
+_pruned: set[Path] = set()
 
 
-def ship_bundles(config, root: str, route: str, cache_dir: str | None) -> None:
-    """Build (or reuse) the bundles the route needs and add them as job input files; their
-    names inside the sandbox, sizes and checksums become render variables of job.sh."""
-    from ckpt_tasks.htcondor.bundle import build_code_bundle
+def _add_bundle(config, key: str, bundle, store: str) -> None:
+    render = config.render_variables
+    if store:
+        # On the store: the job fetches it when its worker lacks it; HTCondor transfers nothing.
+        from ckpt_tasks.htcondor.bundlecache import publish
 
-    cache = Path(os.path.expandvars(cache_dir)).expanduser() if cache_dir else None
-    _add_bundle(config, "ckpt_code_bundle", build_code_bundle(Path(root), cache))
+        if (store, bundle.sha256) not in _published:
+            _published[(store, bundle.sha256)] = publish(bundle, store)
+        render[key] = _published[(store, bundle.sha256)]
+    else:
+        # Not copied into law's job directory (it may be GB): transferred from the cache as it is.
+        config.input_files[key] = law.JobInputFile(str(bundle.path), copy=False)
+    render[f"{key}_size"] = str(bundle.size)
+    render[f"{key}_sha256"] = bundle.sha256
+
+
+def ship_bundles(config, root: str, route: str, settings: Settings) -> None:
+    """Build (or reuse) the bundles the route needs and add them as job input files (or put them
+    on the bundle store); their names inside the sandbox, sizes and checksums become render
+    variables of job.sh. Then the cache's retention drops bundles no longer used."""
+    from ckpt_tasks.htcondor.bundle import build_code_bundle, default_cache_dir
+    from ckpt_tasks.htcondor.bundlecache import prune
+
+    cache = Path(os.path.expandvars(settings.cache_dir)).expanduser() if settings.cache_dir else None
+    _add_bundle(config, "ckpt_code_bundle", build_code_bundle(Path(root), cache), settings.bundle_store)
     if route == "bundle":
         # imported here: packaging is needed to build, never in a job
         from ckpt_tasks.htcondor.envbundle import build_env_bundle
 
-        _add_bundle(config, "ckpt_env_bundle", build_env_bundle(cache))
+        _add_bundle(config, "ckpt_env_bundle", build_env_bundle(cache), settings.bundle_store)
+    cache = cache or default_cache_dir()
+    if cache not in _pruned:
+        _pruned.add(cache)
+        prune(cache, settings.cache_retention)
 
 
 def bring_back_outputs(config, workflow, branches, data_dir: str) -> None:
@@ -109,16 +194,22 @@ def bring_back_outputs(config, workflow, branches, data_dir: str) -> None:
 
 
 def configure_job(config, workflow, branches, *, route: str, root: str, container_image: str = "",
-                  cache_dir: str | None = None) -> None:
+                  cache_dir: str | None = None, settings: Settings | None = None) -> None:
     """Fill law's job config for ``route``: render variables of job.sh, input files, output
-    transfer and, for the container route, the universe and image."""
+    transfer and, for the container route, the universe and image. ``settings`` (law.cfg's
+    software options) wins over ``cache_dir``."""
     if route not in ROUTES:
         raise ValueError(f"--software must be one of {', '.join(ROUTES)}, not {route!r}")
+    settings = settings or Settings(cache_dir=cache_dir)
     data_dir = submit_data_dir(root)
     render = config.render_variables
     render["ckpt_software"] = route
     render["ckpt_job_data_dir"] = JOB_DATA_DIR
     render["ckpt_software_exit_code"] = str(SOFTWARE_EXIT_CODE)
+    render["ckpt_bundle_store"] = settings.bundle_store if route != "shared" else ""
+    render["ckpt_worker_cache"] = settings.worker_cache
+    render["ckpt_worker_cache_keep"] = str(settings.worker_retention.keep)
+    render["ckpt_worker_cache_days"] = str(int(settings.worker_retention.days))
     if route == "shared":
         render["ckpt_tasks_root"] = root
         render["ckpt_tasks_data"] = data_dir
@@ -130,5 +221,5 @@ def configure_job(config, workflow, branches, *, route: str, root: str, containe
             raise ValueError("--software container needs --container-image (or container_image in law.cfg)")
         config.universe = "container"
         config.custom_content.append(("container_image", container_image))
-    ship_bundles(config, root, route, cache_dir)
+    ship_bundles(config, root, route, settings)
     bring_back_outputs(config, workflow, branches, data_dir)
