@@ -9,13 +9,21 @@ Transfer bars appear only after ``delay`` seconds, so short copies print nothing
             ...; advance(len(chunk))
 
     process.run(XRootDProgress("upload state.pt"))     # XRootD CopyProcess handler
+
+:class:`SchedulerProgress` sends a training's progress to the luigi scheduler instead
+(``luigid``'s web page shows it): the percentage, and a status message with the step of
+the total, the newest checkpoint's step and age, and the evictions so far.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
-from typing import Callable, Iterator
+import time
+from typing import Any, Callable, Iterator
+
+logger = logging.getLogger(__name__)
 
 ENV = "CKPT_TASKS_PROGRESS"
 
@@ -79,3 +87,82 @@ class XRootDProgress:
 
     def should_cancel(self, jobId):  # noqa: N803
         return False
+
+
+class SchedulerProgress:
+    """A training's status-message line for the luigi scheduler (``luigid``), e.g.
+    ``step 120 of 405 (29%); newest checkpoint: step 100, 4 s ago; evictions: 1``.
+
+    (The percentage goes by law's ``publish_progress`` at every step.) The line comes first,
+    before the messages the task published (law's message cache), and is sent
+    at most every ``interval`` seconds, and at once when a new checkpoint was committed:
+    with a central scheduler each message is an HTTP request. Without a scheduler to
+    talk to (luigi sets ``set_status_message`` only while a worker runs the task) it does
+    nothing. ``newest()`` gives the newest committed checkpoint (a store ``Checkpoint``,
+    or None); ``evictions()`` the evictions before this run, asked once, at the first update.
+    """
+
+    def __init__(self, task, total_steps: int | None, newest: Callable[[], Any] = lambda: None,
+                 evictions: Callable[[], int] = lambda: 0, interval: float = 10.0):
+        self.task = task
+        self.total_steps = total_steps
+        self.newest = newest
+        self.evictions = evictions
+        self.interval = interval
+        self._evictions: int | None = None
+        self._sent_at: float | None = None
+        self._sent_checkpoint: int | None = None
+        self.last_message: str | None = None
+
+    def message(self, step: int, now: float | None = None) -> str:
+        """The status line of ``step`` (wall clock ``now`` for the checkpoint's age)."""
+        from ckpt_tasks.history import _duration, _unix
+
+        now = time.time() if now is None else now
+        parts = [f"step {step}" + (f" of {self.total_steps} ({100 * step / self.total_steps:.0f}%)"
+                                   if self.total_steps else "")]
+        newest = self.newest()
+        if newest is None:
+            parts.append("no checkpoint yet")
+        else:
+            created = _unix(getattr(newest, "created", None))
+            age = "" if created is None else f", {_duration(max(0.0, now - created))} ago"
+            parts.append(f"newest checkpoint: step {newest.step}{age}")
+        if self._evictions is None:
+            try:
+                self._evictions = int(self.evictions())
+            except Exception as error:  # informative only: never stop a training over it
+                logger.debug("evictions unknown: %s", error)
+                self._evictions = 0
+        parts.append(f"evictions: {self._evictions}")
+        return "; ".join(parts)
+
+    def update(self, step: int, force: bool = False) -> bool:
+        """Send the progress of ``step`` when due; True when it was sent."""
+        send = getattr(self.task, "set_status_message", None)
+        if not callable(send):
+            return False
+        newest = self.newest()
+        committed = None if newest is None else newest.step
+        clock = time.monotonic()
+        due = (force or self._sent_at is None or clock - self._sent_at >= self.interval
+               or committed != self._sent_checkpoint)
+        if not due:
+            return False
+        self._sent_at, self._sent_checkpoint = clock, committed
+        self.last_message = self.message(step)
+        # law joins its cached messages into the status message; the progress line goes first,
+        # where luigid's message box shows it without scrolling.
+        published = list(getattr(self.task, "_message_cache", None) or [])
+        try:
+            send("\n".join([self.last_message, *published]))
+        except Exception as error:  # a scheduler that does not answer must not stop the training
+            logger.warning("could not send the progress to the scheduler: %s", error)
+        return True
+
+
+def past_evictions(store) -> int:
+    """The evictions in a store's checkpoint history (:func:`ckpt_tasks.history.build_timeline`)."""
+    from ckpt_tasks.history import build_timeline
+
+    return len(build_timeline(store.list(), store.location).evictions)

@@ -51,7 +51,7 @@ from ckpt_tasks.fingerprint import parameter_fingerprint
 from ckpt_tasks.parameters import (CheckedBoolParameter, LocationParameter, NonNegativeFloatParameter,
                                    PositiveFloatParameter, PositiveIntParameter, check_parameters)
 from ckpt_tasks.policy import SaveReason
-from ckpt_tasks.progress import step_bar
+from ckpt_tasks.progress import SchedulerProgress, past_evictions, step_bar
 from ckpt_tasks.state import TrainingState
 from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE, EXIT_CREDENTIAL_REFUSED, exit_process
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
@@ -147,11 +147,12 @@ class TrainingSession:
     """What ``CheckpointedTask.train`` talks to: ``step()`` after every optimizer step."""
 
     def __init__(self, task: "CheckpointedTask", state: TrainingState, checkpointer: TaskCheckpointer,
-                 total_steps: int | None):
+                 total_steps: int | None, scheduler: SchedulerProgress | None = None):
         self.task = task
         self.state = state
         self.checkpointer = checkpointer
         self.total_steps = total_steps
+        self.scheduler = scheduler  # progress for luigid's web page (ckpt_tasks.progress)
         self._bar = None
 
     def step(self, **metrics: float) -> None:
@@ -172,6 +173,8 @@ class TrainingSession:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
         if self.total_steps:
             self.task.publish_progress(100.0 * self.state.step / self.total_steps)
+        if self.scheduler is not None:
+            self.scheduler.update(self.state.step)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -327,7 +330,9 @@ class CheckpointedTask(law.Task):
             site_limits=limits,
             walltime_margin=self.walltime_margin,
         )
-        session = TrainingSession(self, state, checkpointer, self.total_steps())
+        scheduler = SchedulerProgress(self, self.total_steps(), newest=lambda: transfer.last_committed,
+                                      evictions=lambda: past_evictions(store))
+        session = TrainingSession(self, state, checkpointer, self.total_steps(), scheduler)
         try:
             with credential_refusals_exit():
                 checkpointer.restore(state)
@@ -343,6 +348,7 @@ class CheckpointedTask(law.Task):
                 checkpointer.flush()
             self.finish(state)
             self.publish_message(f"training complete after {state.step} steps")
+            scheduler.update(state.step, force=True)  # the last progress line stays on luigid's page
         finally:
             try:
                 checkpointer.flush()
