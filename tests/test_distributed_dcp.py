@@ -27,7 +27,8 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from ckpt_tasks.cli import main as cli_main  # noqa: E402
 from ckpt_tasks.distributed import free_port  # noqa: E402
-from ckpt_tasks.distributed.dcp import ShardedCheckpointError, _MetadataUnpickler, load_sharded, save_sharded  # noqa: E402
+from ckpt_tasks.distributed.dcp import (ShardedCheckpointError, _MetadataUnpickler, load_sharded,  # noqa: E402
+                                        save_sharded)
 from ckpt_tasks.distributed.launch import rank_environment  # noqa: E402
 from ckpt_tasks.errors import VerificationError  # noqa: E402
 from ckpt_tasks.storage import CheckpointStore  # noqa: E402
@@ -154,7 +155,8 @@ def test_fsdp2_state_saved_on_2_ranks_resumes_on_1_and_back_on_2(tmp_path):
     finish(start(store, 1, tmp_path, "one", "--steps", "7"), tmp_path, "one")
     assert "loaded 4" in log(tmp_path, "one", 0)
     # The 1-rank load holds every tensor the 2 ranks saved: model and Adam state, unsharded.
-    saved_by_two, loaded_by_one = (torch.load(tmp_path / n, weights_only=True) for n in ("two/final.pt", "one/loaded.pt"))
+    saved_by_two, loaded_by_one = (torch.load(tmp_path / name, weights_only=True)
+                                   for name in ("two/final.pt", "one/loaded.pt"))
     assert equal(loaded_by_one, saved_by_two)
     assert not equal(torch.load(tmp_path / "one/final.pt", weights_only=True), saved_by_two)  # it trained on
 
@@ -206,7 +208,7 @@ def test_a_sigkilled_rank_leaves_the_newest_sharded_checkpoint_complete_or_absen
         try:
             if resumed_from:
                 wait_for_line(tmp_path, name, victim, rf"^loaded {resumed_from}$", ranks)
-            first = int(wait_for_line(tmp_path, name, victim, r"^saved (\d+)$", ranks).group(1))
+            first = int(wait_for_line(tmp_path, name, victim, r"^saved (\d+) ", ranks).group(1))
             if when == "published":
                 target = int(wait_for_line(tmp_path, name, victim, rf"^published ({first + 1})$", ranks).group(1))
             else:
@@ -230,7 +232,7 @@ def test_a_sigkilled_rank_leaves_the_newest_sharded_checkpoint_complete_or_absen
         resumed_from = checkpoints[-1].step
 
     # The newest complete checkpoint resumes on one rank, which trains on.
-    ranks = start(location.url, 1, tmp_path, "last", "--steps", str(resumed_from + 2))
+    ranks = start(location.url, 1, tmp_path, "last", "--steps", str(resumed_from + 2), "--width", "256")
     finish(ranks, tmp_path, "last")
     assert f"loaded {resumed_from}" in log(tmp_path, "last", 0)
     assert location.store().latest().step == resumed_from + 2

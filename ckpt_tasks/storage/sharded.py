@@ -175,7 +175,8 @@ def fetch_sharded(store: "CheckpointStore", checkpoint: Checkpoint, dest: str | 
         partial.mkdir()
         fetch_shards(store, checkpoint, partial)
         if dest.is_dir():
-            # Renamed aside first: dest is the old directory or the new one, never half of one.
+            # Renamed aside first: dest is the old directory or the new one (or, for a moment,
+            # absent), never a mixture of the two.
             old = Path(temporary_name(dest))
             dest.rename(old)
             partial.rename(dest)

@@ -2,7 +2,7 @@
 loaded through ckpt_tasks.distributed.dcp; run by tests/test_distributed_dcp.py.
 
 Every rank logs to ``--log-dir/rank-R.log``: ``loaded S``, ``step S loss L``,
-``published S`` (its shard of step S is on the storage), ``saved S``. Rank 0 writes the
+``published S`` (its shard of step S is on the storage), ``saved S in T s``. Rank 0 writes the
 full (unsharded) model and optimizer state after loading (``--out-dir/loaded.pt``) and at
 the end (``final.pt``), for the tests to compare.
 """
@@ -97,12 +97,13 @@ def main() -> int:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             payload = {"model": model_sd, "optim": optim_sd, "step": step}
             metadata = {"world_size": info.world_size}
+            started = time.perf_counter()
             if args.pause:
                 dcp.save(payload, storage_writer=PausingWriter(store, step, metadata=metadata, pause=args.pause,
                                                                log=log))
             else:
                 save_sharded(payload, store, step, metadata=metadata)
-            log(f"saved {step}")
+            log(f"saved {step} in {time.perf_counter() - started:.3f} s")
     final = dict(zip(("model", "optim"), get_state_dict(model, optimizer, options=full)))
     if info.rank == 0:
         torch.save(final, out / "final.pt")
