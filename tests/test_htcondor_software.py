@@ -238,7 +238,7 @@ def test_job_refuses_a_bad_bundle_before_unpacking(tmp_path, monkeypatch, damage
 # -- on the real pool ----------------------------------------------------------------------------
 
 from test_htcondor_workflow import (assert_resumed_in_a_new_sandbox, condor_jobs,  # noqa: E402,F401
-                                    htcondor_pool, in_pool_env, job_logs, local_reference, pool,
+                                    htcondor_pool, in_pool_env, job_logs, local_reference, mine, pool,
                                     render_job_files, start_in_pool, workdir)
 from test_train_task import weights_digest  # noqa: E402
 from waiting import wait_until  # noqa: E402
@@ -262,8 +262,9 @@ def isolated(htcondor_pool):
     return hidden
 
 
-def evict_after_a_checkpoint(server, workdir: Path) -> None:
-    """Once branch 0 has committed a checkpoint past step 10, evict its job (SIGTERM)."""
+def evict_after_a_checkpoint(server, workdir: Path, hard: bool = False) -> None:
+    """Once branch 0 has committed a checkpoint past step 10, evict its job: SIGTERM, or with
+    ``hard`` a SIGKILL of all its processes at once (``condor_vacate_job -fast``)."""
     def checkpoint_past_10():
         steps = [int(m.group(1)) for p in server.data_dir.glob("ckpt/TrainTask/*/branch-0/*.json")
                  if (m := re.match(r"step-(\d+)-", p.name))]
@@ -271,7 +272,7 @@ def evict_after_a_checkpoint(server, workdir: Path) -> None:
 
     wait_until(checkpoint_past_10, 300, "a checkpoint of branch 0 past step 10")
     (job,) = condor_jobs(workdir, "JobStatus == 2")
-    pool("exec", f"condor_vacate_job {job['ClusterId']}.{job['ProcId']}")
+    pool("exec", f"condor_vacate_job {'-fast ' if hard else ''}{job['ClusterId']}.{job['ProcId']}")
 
 
 def submit_probe(workdir: Path, script: str) -> str:
@@ -299,9 +300,12 @@ def test_isolated_jobs_cannot_read_the_checkout_or_the_venvs_python(isolated, wo
 
 
 @pytest.mark.xrootd
-@pytest.mark.parametrize("eviction", ["none", "graceful"])
+@pytest.mark.parametrize("source, eviction", [("transfer", "none"), ("transfer", "graceful"), ("store", "hard")])
 def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_side(
-        isolated, workdir, tmp_path, make_xrootd_server, eviction):
+        isolated, workdir, tmp_path, make_xrootd_server, source, eviction):
+    """The bundles come by HTCondor's transfer or from the bundle store; the environment is
+    unpacked into a fresh worker cache by the first sandbox and used from there by the next
+    (after an eviction)."""
     server = make_xrootd_server()
     user = pwd.getpwnam("ckptuser")
     cache = ROOT / ".pool-tmp" / "bundle-cache"
@@ -310,12 +314,15 @@ def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_s
     # The environment bundle built here is the one the pool's law would build (same venv):
     # put it in the pool's cache so that the test does not build it twice.
     env = envbundle.build_env_bundle(bundle.default_cache_dir())
-    for source in (env.path, env.path.with_name(env.path.name + ".sha256")):
-        if not (cache / source.name).exists():
-            shutil.copy2(source, cache / source.name)
+    for built in (env.path, env.path.with_name(env.path.name + ".sha256")):
+        if not (cache / built.name).exists():
+            shutil.copy2(built, cache / built.name)
     # The route comes from law.cfg, as a site would set it.
-    config = re.sub(r"^software: .*$", f"software: bundle\nbundle_cache: {cache}\n"
-                    f"+{isolated_pool.ISOLATED_ATTRIBUTE}: true", (ROOT / "law.cfg").read_text(), flags=re.M)
+    options = f"software: bundle\nbundle_cache: {cache}\nworker_cache: /tmp/ckpt_tasks-{workdir.name}\n"
+    if source == "store":
+        options += f"bundle_store: {server.url}//bundles\n"
+    config = re.sub(r"^software: .*$", options + f"+{isolated_pool.ISOLATED_ATTRIBUTE}: true",
+                    (ROOT / "law.cfg").read_text(), flags=re.M)
     assert "software: bundle" in config
     (workdir / "law.cfg").write_text(config)
     train = TRAIN if eviction == "none" else EVICTED_TRAIN
@@ -326,8 +333,8 @@ def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_s
     with isolated_pool.denied(isolated):
         runner = start_in_pool(command, workdir)
         try:
-            if eviction == "graceful":
-                evict_after_a_checkpoint(server, workdir)
+            if eviction != "none":
+                evict_after_a_checkpoint(server, workdir, hard=eviction == "hard")
             runner.wait(timeout=540)
         finally:
             if runner.poll() is None:
@@ -335,13 +342,23 @@ def test_bundle_route_branch_finishes_where_the_job_sees_nothing_of_the_submit_s
     law_log = (workdir / "law.log").read_text()
     assert runner.returncode == 0, law_log[-5000:]
     log = job_logs(workdir)[0]
-    unpacked = re.search(r"software \(bundle\) checked and unpacked in ([\d.]+) s", log)
+    unpacked = re.findall(r"software \(bundle\) checked and unpacked in ([\d.]+) s; environment: (.*)", log)
     assert unpacked, log[-3000:]
-    logging.getLogger(__name__).info("bundle route: bundles checked and unpacked in %s s in the job",
-                                     unpacked.group(1))
-    if eviction == "graceful":
-        # the log is the last sandbox's: it unpacked the bundles again and resumed from the store
+    logging.getLogger(__name__).info("bundle route (%s): software phase of each start: %s", source, unpacked)
+    if eviction != "none":
+        # the log is the last sandbox's: it took the environment from the worker cache that the
+        # first sandbox filled, and resumed from the store
+        assert unpacked[-1][1].endswith("(hit)"), unpacked
         assert_resumed_in_a_new_sandbox(log)
+    else:
+        assert unpacked[0][1].startswith("unpacked into the worker cache"), unpacked
+    inputs = pool("exec", f"condor_history -constraint '{mine(workdir)}' -af TransferInput").strip()
+    assert inputs, "no job of this workflow in condor_history"
+    if source == "store":  # HTCondor transferred no bundle: the job fetched them from the store
+        assert "env-" not in inputs and "code-" not in inputs, inputs
+        assert list(server.data_dir.glob("bundles/env-*.tar.gz"))
+    else:
+        assert "env-" in inputs, inputs
     (model,) = workdir.glob("data/TrainTask/*/branch-0/model.pt")
     assert weights_digest(model) == local_reference(tmp_path, 0, *train[:2])
     # the checkpoints went to the store, not to the submit side
@@ -592,3 +609,40 @@ def test_bad_software_settings_are_refused_at_submission():
     with pytest.raises(ValueError, match="worker_cache"):
         software.Settings(worker_cache='/tmp/x"; rm -rf /')
     assert software.Settings(bundle_store="root://host//b/").bundle_store == "root://host//b"
+
+
+@pytest.mark.xrootd
+def test_bundles_on_the_store_are_fetched_only_when_missing_and_checked(tmp_path, monkeypatch, env_bundle,
+                                                                        law_option, make_xrootd_server):
+    server = make_xrootd_server()
+    law_option("bundle_store", f"{server.url}//bundles")
+    submit, _, _ = render(tmp_path, monkeypatch, "--software", "bundle")
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    (env_name, env_size, env_sha), (code_name, _, _) = bundles["env"], bundles["code"]
+    # HTCondor transfers no bundle; both are on the store, named by their content
+    inputs = re.search(r"^transfer_input_files = (.*)$", submit, re.M)
+    assert not inputs or ("env-" not in inputs.group(1) and "code-" not in inputs.group(1)), submit
+    assert env_sha[:16] in env_name and (server.data_dir / "bundles" / env_name).stat().st_size == env_size
+    cache = tmp_path / "worker-cache"
+    (tmp_path / "job1").mkdir()
+    _, source = software_line(run_bundle_job(script, tmp_path / "job1", cache))
+    assert source.startswith("unpacked into the worker cache"), source
+    # the worker has it now: the next job fetches only the code bundle
+    (tmp_path / "job2").mkdir()
+    _, source = software_line(run_bundle_job(script, tmp_path / "job2", cache))
+    assert source.endswith("(hit)"), source
+    # a code bundle that rotted on the store: named, refused before use
+    stored_code = server.data_dir / "bundles" / code_name
+    data = bytearray(stored_code.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored_code.write_bytes(bytes(data))
+    (tmp_path / "job3").mkdir()
+    result = run_bundle_job(script, tmp_path / "job3", cache)
+    assert result.returncode == software.SOFTWARE_EXIT_CODE, result.stdout + result.stderr
+    assert f"software bundle {code_name}: sha256" in result.stderr
+    # an environment missing from the store, on a worker that does not have it
+    (server.data_dir / "bundles" / env_name).unlink()
+    (tmp_path / "job4").mkdir()
+    result = run_bundle_job(script, tmp_path / "job4", tmp_path / "other-worker-cache")
+    assert result.returncode == software.SOFTWARE_EXIT_CODE, result.stdout + result.stderr
+    assert f"software bundle {env_name}: cannot be fetched from {server.url}//bundles" in result.stderr

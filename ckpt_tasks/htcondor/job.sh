@@ -80,7 +80,8 @@ sys.exit(None if status.ok else status.message.strip())' "${url}" "$1.part" 2>&1
 # The worker's cache of unpacked environments, shared by this account's jobs on the worker
 # (law.cfg worker_cache, else $CKPT_TASKS_WORKER_CACHE, else the XDG cache): one entry per
 # environment bundle, env-<sha256[:16]>/, complete when its marker holds the full sha256.
-eval "worker_cache=\"{{ckpt_worker_cache}}\""
+# ($VARs in it are the worker's; one it lacks is empty, not an error of set -u)
+set +u; eval "worker_cache=\"{{ckpt_worker_cache}}\""; set -u
 worker_cache="${worker_cache:-${CKPT_TASKS_WORKER_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ckpt_tasks/envs}}"
 readonly cache_marker=".ckpt_tasks-complete"
 

@@ -34,6 +34,11 @@ def install(pool_sh: Path, pool_dir: Path) -> None:
     subprocess.run(["bash", str(pool_sh), "root-exec",
                     f"getent passwd {ISOLATED_USER} >/dev/null || useradd -M -u {ISOLATED_UID} -U "
                     f"-d /nonexistent -s /usr/sbin/nologin {ISOLATED_USER}"], check=True, capture_output=True)
+    # The workers' XRootD client (xrdcp), which a job fetching bundles from the store uses, as
+    # WLCG workers have it.
+    subprocess.run(["bash", str(pool_sh), "root-exec",
+                    "command -v xrdcp >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y "
+                    "--no-install-recommends xrootd-client"], check=True, capture_output=True, timeout=600)
     lines = [
         "# ckpt_tasks tests (tests/helpers/isolated_pool.py): jobs with +CkptTasksIsolated = true run",
         f"# as {ISOLATED_USER}, who cannot read the submitter's checkout; all others as their owner.",
