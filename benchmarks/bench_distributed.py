@@ -1,6 +1,7 @@
-"""The cost of the agreed stop per training step, with 2 ranks (gloo, CPU).
+"""The cost of the agreed stop per training step, and of a checkpoint, on 1 and 2 ranks (gloo, CPU).
 
     python benchmarks/bench_distributed.py [--hidden 1536] [--steps 20] [--pairs 6] [--every 1]
+    python benchmarks/bench_distributed.py --checkpoints [--hidden 1536] [--saves 5] [--store DIR|URL]
 
 Each rank trains the same DDP model (a step of tens of milliseconds on one CPU thread
 per rank). Two measures, both from one run:
@@ -15,6 +16,18 @@ per rank). Two measures, both from one run:
 
 Goal: at most 1 % of a step. The launcher starts the ranks (``--nproc 2``); rank 0
 prints a Markdown table.
+
+With ``--checkpoints``: per checkpoint, the stall (the time the training loop is held
+in the save call, the slowest rank's) and the commit time (from the save call until the
+checkpoint is committed: manifest and ``LATEST`` written), on 1 and on 2 ranks, for
+
+- replicated state (DDP) through ``DistributedCheckpointer``: rank 0 writes it once,
+  in the background (``asynchronous=True``, the default: the loop pays for the gather of
+  the ranks' RNG states and an in-memory snapshot) or in the loop (``asynchronous=False``);
+- sharded state (FSDP2 ``fully_shard``) through ``ckpt_tasks.distributed.dcp.save_sharded``:
+  every rank writes its shard, synchronously.
+
+The model is an MLP with Adam (weights and two moments: 12 bytes per parameter).
 """
 from __future__ import annotations
 
@@ -39,6 +52,12 @@ def parse(args=None) -> argparse.Namespace:
     parser.add_argument("--no-overlap", action="store_true",
                         help="agree synchronously instead of while the next step trains")
     parser.add_argument("--nproc", type=int, default=2, help="ranks; default: 2")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="measure the stall and commit time of checkpoints on 1 and 2 ranks instead")
+    parser.add_argument("--saves", type=int, default=5, help="checkpoints per kind (--checkpoints); default: 5")
+    parser.add_argument("--store", default=None,
+                        help="where the checkpoints go (--checkpoints; a directory or root:// URL); default: a "
+                             "temporary directory")
     return parser.parse_args(args)
 
 
@@ -134,12 +153,159 @@ def report(options: argparse.Namespace, pairs: list[tuple[float, float]], agree_
     print(f"| with/without per pair of windows | {', '.join(f'{r:.3f}' for r in ratios)} | | | |")
 
 
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _mlp(width: int):
+    import torch
+
+    torch.manual_seed(0)  # the same initial weights on every rank
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+def _slowest(seconds: float) -> float:
+    """The largest of the ranks' ``seconds`` (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value[0])
+
+
+def _train_step(model, optimizer, x, y) -> None:
+    import torch
+
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _replicated(options, info, store, asynchronous: bool) -> tuple[list[float], list[float], int]:
+    import torch
+
+    from ckpt_tasks.distributed import DistributedCheckpointer
+    from ckpt_tasks.state import TrainingState
+
+    model = _mlp(options.hidden)
+    forward = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = TrainingState(model=model, optimizer=optimizer)
+    checkpointer = DistributedCheckpointer(store, state, asynchronous=asynchronous, control_timeout=300)
+    checkpointer.agreement.uninstall()  # no stop signals here
+    x, y = torch.randn(options.batch, options.hidden), torch.randint(0, 10, (options.batch,))
+    stalls, commits = [], []
+    for _ in range(options.saves + 1):  # the first one warms up (buffers, connections)
+        _train_step(forward, optimizer, x, y)
+        state.step += 1
+        started = time.perf_counter()
+        checkpointer.save()
+        held = time.perf_counter() - started
+        checkpointer.background.wait()
+        committed = time.perf_counter() - started
+        stalls.append(_slowest(held))
+        commits.append(_slowest(committed))
+    checkpointer.close()
+    size = store.latest().size if info.is_coordinator else 0
+    return stalls[1:], commits[1:], size
+
+
+def _sharded(options, info, store) -> tuple[list[float], list[float], int]:
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ckpt_tasks.distributed.dcp import save_sharded
+
+    model = _mlp(options.hidden)
+    mesh = init_device_mesh("cpu", (info.world_size,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(options.batch, options.hidden), torch.randint(0, 10, (options.batch,))
+    times = []
+    for step in range(1, options.saves + 2):
+        _train_step(model, optimizer, x, y)
+        started = time.perf_counter()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        save_sharded({"model": model_sd, "optim": optim_sd, "step": step}, store, step)
+        times.append(_slowest(time.perf_counter() - started))
+    size = store.latest().size if info.is_coordinator else 0
+    return times[1:], times[1:], size  # synchronous: the loop is held until the commit
+
+
+def checkpoint_rank_main(options: argparse.Namespace) -> None:
+    """One rank of the checkpoint benchmark: every kind in turn, into a store of its own."""
+    import torch
+    import torch.distributed as dist
+
+    from ckpt_tasks.distributed import init_ranks
+    from ckpt_tasks.storage.store import CheckpointStore
+
+    torch.set_num_threads(1)
+    info = init_ranks("gloo", timeout=300)
+    base = options.store.rstrip("/")
+    results = []
+    for kind, run in (("replicated, background commit", lambda s: _replicated(options, info, s, True)),
+                      ("replicated, in the loop", lambda s: _replicated(options, info, s, False)),
+                      ("sharded (FSDP2, DCP)", lambda s: _sharded(options, info, s))):
+        where = f"{base}/{info.world_size}-ranks-{len(results)}"
+        results.append((kind, *run(CheckpointStore(where, keep_last=2))))
+    if info.is_coordinator:
+        for kind, stalls, commits, size in results:
+            print(f"| {info.world_size} | {kind} | {size / 2**20:.1f} MiB | {statistics.median(stalls) * 1e3:.0f} ms "
+                  f"| {statistics.median(commits) * 1e3:.0f} ms | {max(commits) * 1e3:.0f} ms |", flush=True)
+    dist.destroy_process_group()
+
+
+def _without_store(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--store X`` / ``--store=X`` (each run gets a store of its own)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--store":
+            skip = True
+        elif not arg.startswith("--store="):
+            kept.append(arg)
+    return kept
+
+
+def checkpoints(options: argparse.Namespace, env: dict) -> int:
+    """The checkpoint benchmark on 1 and 2 ranks, each started by the launcher."""
+    import tempfile
+
+    import torch
+
+    print(f"gloo on the CPU, 1 thread per rank, torch {torch.__version__}; MLP {options.hidden}x{options.hidden}"
+          f"x2 with Adam; median of {options.saves} checkpoints after one warm-up\n")
+    print("| ranks | state | checkpoint | stall (median) | commit (median) | commit (max) |")
+    print("|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as scratch:
+        store = options.store or scratch
+        argv = _without_store(sys.argv[1:])
+        for nproc in (1, 2):
+            code = subprocess.call([sys.executable, "-m", "ckpt_tasks.distributed.launch", "--nproc", str(nproc),
+                                    "--", __file__, *argv, "--store", f"{store.rstrip('/')}/run-{nproc}"],
+                                   env=env)
+            if code:
+                return code
+    return 0
+
+
 def main() -> int:
     options = parse()
     if "WORLD_SIZE" in os.environ:
-        rank_main(options)
+        (checkpoint_rank_main if options.checkpoints else rank_main)(options)
         return 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if options.checkpoints:
+        return checkpoints(options, env)
     return subprocess.call([sys.executable, "-m", "ckpt_tasks.distributed.launch", "--nproc", str(options.nproc),
                             "--", __file__, *sys.argv[1:]], env=env)
 
