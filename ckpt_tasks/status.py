@@ -9,10 +9,15 @@
 - from the schedd (``condor_q``, else ``condor_history``), when ``--jobs`` names
   law's submission file (``htcondor_jobs_*.json``) or the workflow's HTCondor
   output directory that holds it: the job, its state, the hold reason (and
-  whether it is temporary, :mod:`ckpt_tasks.htcondor.holds`), ``NumJobStarts``
-  and ``NumHolds``; the schedd's counters, since the sandbox's job ad is stale;
-- from the manifests' lineage (:mod:`ckpt_tasks.history`): evictions, work lost
-  and goodput (start-up counted as overhead).
+  whether it is temporary, :mod:`ckpt_tasks.htcondor.holds`) and the job's counters
+  ``NumJobStarts``, ``NumHolds``, ``NumJobCompletions``, ``NumVacates`` (where the
+  schedd has it; else the starts that ended neither by an exit nor by a hold),
+  ``CommittedTime`` and ``RemoteWallClockTime``. These come from the schedd because
+  the sandbox's job ad, and so the lineage recorded from it, is stale: it is written
+  once per sandbox, and an eviction before the first commit leaves no trace in the store;
+- from the manifests' lineage (:mod:`ckpt_tasks.history`): evictions (raised to the
+  schedd's count of the current job where that is higher), work lost and goodput
+  (start-up counted as overhead).
 
 ``--json`` prints the same as JSON; ``--plot FILE.png`` draws every branch's
 step over wall time (held branches dashed, with their state in the legend).
@@ -38,7 +43,8 @@ logger = logging.getLogger(__name__)
 JOB_STATES = {1: "idle", 2: "running", 3: "removed", 4: "completed", 5: "held", 6: "transferring output",
               7: "suspended"}
 SCHEDD_ATTRIBUTES = ("ClusterId", "ProcId", "JobStatus", "HoldReason", "HoldReasonCode", "HoldReasonSubCode",
-                     "NumJobStarts", "NumHolds", "ExitCode", "CommittedTime")
+                     "NumJobStarts", "NumShadowStarts", "NumHolds", "NumVacates", "NumJobCompletions", "ExitCode",
+                     "CommittedTime", "RemoteWallClockTime")
 BRANCH_RE = re.compile(r"^branch-(\d+)$")
 
 
@@ -57,6 +63,9 @@ class BranchStatus:
     hold_temporary: bool | None = None
     job_starts: int | None = None  # from the schedd
     holds: int | None = None
+    job_evictions: int | None = None  # the schedd's, of the current job
+    committed_seconds: float | None = None  # CommittedTime: run time not lost to evictions
+    wall_seconds: float | None = None  # RemoteWallClockTime: all run time of the job
     evictions: int = 0
     lost_seconds: float = 0.0
     startup_seconds: float = 0.0
@@ -117,9 +126,26 @@ def _apply_ad(status: BranchStatus, ad: dict) -> None:
 
     status.job_state = JOB_STATES.get(ad.get("JobStatus"), str(ad.get("JobStatus")))
     status.job_starts, status.holds = ad.get("NumJobStarts"), ad.get("NumHolds")
+    status.job_evictions = schedd_evictions(ad)
+    status.committed_seconds, status.wall_seconds = ad.get("CommittedTime"), ad.get("RemoteWallClockTime")
+    if status.job_evictions is not None:
+        status.evictions = max(status.evictions, status.job_evictions)
     if ad.get("JobStatus") == 5:
         hold = classify_hold(ad.get("HoldReasonCode"), ad.get("HoldReasonSubCode"), ad.get("HoldReason") or "")
         status.hold_reason, status.hold_temporary = hold.describe(), hold.temporary
+
+
+def schedd_evictions(ad: dict) -> int | None:
+    """The evictions of a job by the schedd's counters: ``NumVacates`` where the schedd has it,
+    else the runs that ended neither by an exit of the job (``NumJobCompletions``) nor by a hold
+    (HTCondor 23.9 counts no vacates; a lost machine then counts as an eviction too)."""
+    if ad.get("NumVacates") is not None:
+        return int(ad["NumVacates"])
+    if ad.get("NumJobStarts") is None:
+        return None
+    running = 1 if ad.get("JobStatus") in (2, 6) else 0  # the run going on has not ended
+    ended = int(ad["NumJobStarts"]) - running
+    return max(0, ended - int(ad.get("NumJobCompletions") or 0) - int(ad.get("NumHolds") or 0))
 
 
 def collect(location: str, jobs: str | Path | None = None, total: int | None = None,

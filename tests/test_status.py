@@ -37,7 +37,9 @@ def workflow(tmp_path, monkeypatch):
 ADS = {"7.0": {"ClusterId": 7, "ProcId": 0, "JobStatus": 2, "NumJobStarts": 2, "NumHolds": 0},
        "9.0": {"ClusterId": 9, "ProcId": 0, "JobStatus": 5, "NumJobStarts": 1, "NumHolds": 1,
                "HoldReasonCode": 34, "HoldReasonSubCode": 0, "HoldReason": "memory usage exceeded"},
-       "10.0": {"ClusterId": 10, "ProcId": 0, "JobStatus": 1, "NumJobStarts": 0}}
+       # idle after two evictions during start-up: nothing in the store says so, the schedd does
+       "10.0": {"ClusterId": 10, "ProcId": 0, "JobStatus": 1, "NumJobStarts": 2, "NumJobCompletions": 0,
+                "CommittedTime": 0, "RemoteWallClockTime": 95.0}}
 
 
 def test_status_of_every_branch(workflow):
@@ -59,6 +61,8 @@ def test_status_of_every_branch(workflow):
     assert one.step == 40 and one.job_state == "held" and one.hold_temporary is False
     assert "memory usage exceeded" in one.hold_reason and "code 34/0" in one.hold_reason
     assert two.step is None and two.job_state == "idle" and two.location.endswith("branch-2")
+    assert (two.job_evictions, two.evictions, two.committed_seconds, two.wall_seconds) == (2, 2, 0, 95.0)
+    assert (zero.job_evictions, one.job_evictions) == (1, 0)  # one run ended by an eviction; one by the hold
     text = status.format_status(rows)
     assert "700/800 (88%)" in text and "held" in text and "permanent, not resubmitted" in text
 
@@ -78,6 +82,16 @@ def test_status_command_json(workflow):
                           capture_output=True, text=True, timeout=120, env=env)
     assert text.returncode == 0 and "branch" in text.stdout and "700" in text.stdout, text.stderr
     assert_png(plot)
+
+
+def test_evictions_from_the_schedds_counters():
+    evictions = status.schedd_evictions
+    assert evictions({"NumJobStarts": 3, "NumVacates": 1, "JobStatus": 2}) == 1  # where the schedd counts them
+    assert evictions({"NumJobStarts": 1, "NumJobCompletions": 1, "JobStatus": 4}) == 0  # ran once, done
+    assert evictions({"NumJobStarts": 3, "NumJobCompletions": 2, "JobStatus": 4}) == 1  # a requeued exit too
+    assert evictions({"NumJobStarts": 2, "NumHolds": 1, "JobStatus": 2}) == 0  # held while running, released
+    assert evictions({"NumJobStarts": 3, "JobStatus": 2}) == 2  # the run going on has not ended
+    assert evictions({"JobStatus": 1}) is None
 
 
 def test_status_of_an_empty_directory(tmp_path):
