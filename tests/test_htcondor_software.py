@@ -575,7 +575,7 @@ def test_the_worker_cache_keeps_recent_and_locked_environments(tmp_path, monkeyp
         holder.wait()
     software_line(result)
     left = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    assert left == ["env-000000000inuse", "env-00000000000recent", f"env-{bundles['env'][2][:16]}"], left
+    assert left == sorted(["env-000000000inuse", "env-00000000000recent", f"env-{bundles['env'][2][:16]}"]), left
     assert "removed" in result.stdout and "env-0000000000000old" in result.stdout
 
 
