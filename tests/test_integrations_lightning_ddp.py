@@ -107,3 +107,15 @@ def test_saves_by_count_and_by_time_happen_at_the_same_step_on_both_ranks(tmp_pa
     commits = [int(n) for n in re.findall(r"committed checkpoint of step (\d+)", run.output)]
     assert 20 in commits and len(commits) >= 3, run.output[-3000:]  # 38 steps of >= 50 ms: time-based ones too
     assert CheckpointStore(store).latest().step == max(commits)
+
+
+def test_seeded_batches_refuse_a_position_of_another_number_of_ranks():
+    from ckpt_tasks.integrations.lightning import SeededBatches
+
+    batches = SeededBatches(torch.arange(10.0), batch_size=4, seed=3)
+    assert len(batches) == 3  # one process: the whole epoch
+    with pytest.raises(ValueError, match="split over 2 ranks, this training has 1"):
+        batches.load_state_dict({"epoch": 1, "position": 2, "seed": 3, "world_size": 2})
+    batches.load_state_dict({"epoch": 1, "position": 2, "seed": 3})  # one rank's, as before
+    batches.set_epoch(1)
+    assert [b[0].tolist() for b in batches] == [batches.order(1)[8:].tolist()]
