@@ -110,6 +110,23 @@ def test_voms_attributes_shorter_than_the_minimum_are_refused(test_pki, tmp_path
     assert refused.value.reason == TOO_SHORT and "VOMS attributes end first" in str(refused.value)
 
 
+def test_the_minimum_comes_from_the_environment_where_no_caller_names_one(test_pki, tmp_path):
+    """The HTCondor workflow's --credential-min-lifetime reaches a job's preflight this way."""
+    from ckpt_tasks.preflight import MIN_LIFETIME_VARIABLE
+
+    proxy = test_pki.proxy(test_pki.user("pre-env"), tmp_path / "x509up", lifetime=dt.timedelta(minutes=10))
+    environ = {"X509_USER_PROXY": str(proxy)}
+    with pytest.raises(PreflightRefused) as refused:  # the default minimum of a proxy is one hour
+        preflight(tmp_path / "store", require=["x509"], environ=environ)
+    assert refused.value.reason == TOO_SHORT
+    report = preflight(tmp_path / "store", require=["x509"], environ={**environ, MIN_LIFETIME_VARIABLE: "60"})
+    assert [c.path for c in report.credentials] == [proxy]
+    with pytest.raises(PreflightRefused):  # an explicit minimum wins over the variable
+        preflight(tmp_path / "store", min_lifetime=HOUR, require=["x509"], environ={**environ, MIN_LIFETIME_VARIABLE: "60"})
+    with pytest.raises(ValueError, match=MIN_LIFETIME_VARIABLE):
+        preflight(tmp_path / "store", environ={MIN_LIFETIME_VARIABLE: "an hour"})
+
+
 @pytest.fixture(scope="module")
 def gsi(make_auth_server, test_pki, tmp_path_factory):
     alice, bob = test_pki.user("pre-alice"), test_pki.user("pre-bob")

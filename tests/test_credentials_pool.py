@@ -201,22 +201,32 @@ def test_a_token_route_job_writes_with_the_token_htcondor_gives_it(htcondor_pool
     assert token not in logs and token.split(".")[2] not in logs
 
 
+@pytest.mark.timeout(900)  # 100 s to the expiry, the hold, the rest of the training after the release
 def test_a_proxy_expiring_mid_training_holds_the_job_until_renewed_and_released(
         htcondor_pool, workdir, test_pki, alice, gsi_server):
+    """The job reads the submitter's proxy file through the shared checkout (``--credentials
+    shared``): this pool's HTCondor cannot hand a proxy over by ``x509userproxy`` (its
+    delegation fails in the starter, "X509Credential::Request() failed", and the job's
+    X509_USER_PROXY names a file that never arrived)."""
     certs = client_files(workdir, test_pki)
     # The proxy outlives the submission and the job's start (its preflight asks 15 s), not
-    # the training (20 epochs of 45 steps at 0.2 s). Idle connections close after 1 s, so
-    # the first commit after the expiry opens a new one and is refused.
-    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(seconds=90))
+    # the training (25 epochs of 45 steps at 0.2 s). Idle connections close after 1 s: the
+    # first commit after the expiry opens a new one, and is refused.
+    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(seconds=100))
     law_cfg = law_cfg_with(workdir, environment=f'"X509_CERT_DIR={certs} XRD_DATASERVERTTL=1"')
     store = f"{gsi_server.url}//alice/ckpt"
-    args = (f"--branches 0 --epochs 20 --checkpoint-every 10 --step-delay 0.2 --store {store} "
-            f"--storage-timeout 20 --credential-min-lifetime 15 --expected-runtime 3600 "
+    args = (f"--branches 0 --epochs 25 --checkpoint-every 10 --step-delay 0.2 --store {store} "
+            f"--storage-timeout 20 --credentials shared --credential-min-lifetime 15 --expected-runtime 3600 "
             f"--poll-interval 0.05 --retries 0 {' '.join(RESOURCES)}")
     command = pool_env(workdir, certs, proxy, law_cfg) + f"law index --quiet && law run TrainTask --workflow htcondor {args}"
     runner = start_in_pool(command, workdir)
     try:
-        (job,) = wait_until(lambda: condor_jobs(workdir, "JobStatus == 5"), 300, "the job held at the proxy's expiry")
+        def held():
+            if runner.poll() is not None and not condor_jobs(workdir):
+                pytest.fail("the workflow ended without a held job:\n" + (workdir / "law.log").read_text()[-3000:])
+            return condor_jobs(workdir, "JobStatus == 5")
+
+        (job,) = wait_until(held, 400, "the job held at the proxy's expiry", interval=1)
         runner.wait(timeout=120)  # the permanent hold fails the workflow (--retries 0); the job stays held
     finally:
         if runner.poll() is None:

@@ -78,3 +78,95 @@ def test_a_refused_final_commit_exits_88_other_failures_1(tmp_path):
     ckpt = TaskCheckpointer(tmp_path, state, transfer, handle_signals=False)
     assert ckpt.exit_code_for(StorageAuthenticationFailed("token expired", "root://h//p")) == EXIT_CREDENTIAL_REFUSED
     assert ckpt.exit_code_for(StorageUnavailable("down", "root://h//p")) == EXIT_CHECKPOINT_FAILED
+
+
+# -- the HTCondor workflow's credentials (rendered here; on the pool: test_credentials_pool.py) ----------
+
+def test_the_token_route_asks_for_the_service_s_token_instead_of_the_proxy(tmp_path, monkeypatch, test_pki, people):
+    from test_htcondor_workflow import render_job_files
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    monkeypatch.setenv("X509_USER_PROXY", str(test_pki.proxy(people["alice"], tmp_path / "x509up")))
+    submit, script, arguments = render_job_files("store", "--credentials", "token", "--oauth-service", "wlcg",
+                                                 "--credential-min-lifetime", "600")
+    assert "use_oauth_services = wlcg" in submit and "x509userproxy" not in submit, submit
+    assert 'token_service="wlcg"' in script and 'min_lifetime="600"' in script
+    # the credential options are the workflow's own, not passed to the branches
+    assert not [a for a in arguments if a.startswith(("--credentials", "--oauth-service", "--credential-min"))]
+    proxy_submit, proxy_script, _ = render_job_files("store")
+    assert "x509userproxy = " in proxy_submit and "use_oauth_services" not in proxy_submit
+    assert 'token_service=""' in proxy_script and 'min_lifetime=""' in proxy_script
+
+
+def job_script_credentials(script: str) -> str:
+    """The credentials part of a rendered job.sh."""
+    start = script.index("# Credentials (")
+    end = script.index("\n", script.index('export CKPT_TASKS_CREDENTIAL_MIN_LIFETIME="${min_lifetime}"'))
+    return script[start:end]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"_CONDOR_CREDS": "{creds}"}, "{creds}/scitokens.use"),
+    ({"_CONDOR_CREDS": "{creds}", "BEARER_TOKEN_FILE": "/elsewhere/bt"}, "/elsewhere/bt"),  # the job's own wins
+    ({}, ""),  # no credmon: a warning, no variable
+])
+def test_the_job_script_points_bearer_token_file_at_htcondor_s_token(tmp_path, monkeypatch, given, expected):
+    import subprocess
+
+    from test_htcondor_workflow import render_job_files
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    _, script, _ = render_job_files("store", "--credentials", "token", "--credential-min-lifetime", "120")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "scitokens.use").write_text("not a real token")
+    env = {"PATH": "/usr/bin:/bin", **{k: v.format(creds=creds) for k, v in given.items()}}
+    probe = job_script_credentials(script) + '\necho "TOKEN=${BEARER_TOKEN_FILE:-}" "MIN=${CKPT_TASKS_CREDENTIAL_MIN_LIFETIME:-}"\n'
+    done = subprocess.run(["bash", "-u", "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert f"TOKEN={expected.format(creds=creds)} MIN=120" in done.stdout, done
+    if not given:
+        assert "no scitokens.use in _CONDOR_CREDS" in done.stderr and "credmon" in done.stderr
+    assert "not a real token" not in done.stdout + done.stderr
+
+
+def test_site_run_time_limits_are_the_expected_end_and_credential_options_are_no_submit_commands(
+        tmp_path, monkeypatch):
+    import law
+
+    from ckpt_tasks.htcondor.credentials import expected_runtime
+    from ckpt_tasks.htcondor.workflow import CONFIG_SECTION
+    from test_htcondor_workflow import render_job_files
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    cfg = law.config.Config.instance()
+    added = {"+MaxRuntime": "7200", "+RequestWalltime": "3600", "oauth_service": "wlcg", "expected_runtime": "60"}
+    for option, value in added.items():
+        cfg.set(CONFIG_SECTION, option, value)
+    try:
+        assert expected_runtime(0, CONFIG_SECTION) == 3600  # the earliest limit
+        assert expected_runtime(90, CONFIG_SECTION) == 90  # --expected-runtime wins
+        submit, _, _ = render_job_files("store")
+    finally:
+        for option in added:
+            cfg.remove_option(CONFIG_SECTION, option)
+    assert "+maxruntime = 7200" in submit.lower() and "+requestwalltime = 3600" in submit.lower()
+    assert "oauth_service" not in submit and "expected_runtime" not in submit
+
+
+def test_the_shared_route_names_the_submitter_s_files_and_never_a_token_itself(tmp_path, monkeypatch, test_pki,
+                                                                             people, token_issuer):
+    from test_htcondor_workflow import render_job_files
+    from xrootd_auth import write_secret
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    proxy = test_pki.proxy(people["alice"], tmp_path / "x509up")
+    token = write_secret(tmp_path / "bt", token_issuer.token("storage.read:/alice"))
+    monkeypatch.setenv("X509_USER_PROXY", str(proxy))
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(token))
+    submit, _, _ = render_job_files("store", "--credentials", "shared")
+    assert f"X509_USER_PROXY={proxy}" in submit and f"BEARER_TOKEN_FILE={token}" in submit, submit
+    assert "x509userproxy" not in submit and "use_oauth_services" not in submit
+    monkeypatch.setenv("BEARER_TOKEN", token.read_text())  # the client's first choice: the token itself
+    submit, _, _ = render_job_files("store", "--credentials", "shared")
+    assert token.read_text() not in submit and "BEARER_TOKEN_FILE" not in submit
+    assert f"X509_USER_PROXY={proxy}" in submit

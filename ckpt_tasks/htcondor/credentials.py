@@ -11,6 +11,12 @@ Two routes (``--credentials``, default ``[ckpt_tasks_htcondor] credentials`` in 
     credmon keeps ``$_CONDOR_CREDS/<service>.use`` fresh in the job, and the job script points
     ``BEARER_TOKEN_FILE`` at it, since the XRootD client does not look there by itself. This
     needs a credmon on the access point; no ``x509userproxy`` is sent.
+``shared``
+    The workers see the submitter's credential files at the same paths (a shared file
+    system, as on a cluster whose home directories every node mounts): the jobs get
+    ``X509_USER_PROXY`` and ``BEARER_TOKEN_FILE`` naming the files found on the submit side,
+    and read a renewed file at their next connection. A token given in ``$BEARER_TOKEN``
+    itself is never written into a submit file.
 
 Before a workflow submits anything, :func:`preflight_before_submit` runs the preflight of
 :mod:`ckpt_tasks.preflight` on the submit side against the store of the first branch: a
@@ -27,12 +33,12 @@ from collections.abc import Mapping
 
 import law
 
-from ckpt_tasks.jobenv.credentials import CredentialError, find_proxy
+from ckpt_tasks.jobenv.credentials import CredentialError, find_proxy, find_token
 from ckpt_tasks.preflight import MIN_LIFETIME_VARIABLE, PreflightReport, PreflightRefused, preflight
 
 logger = logging.getLogger(__name__)
 
-ROUTES = ("proxy", "token")
+ROUTES = ("proxy", "token", "shared")
 #: options of the workflow's law.cfg section that configure credentials, not submit commands
 CREDENTIAL_OPTIONS = frozenset({"credentials", "oauth_service", "credential_min_lifetime", "expected_runtime"})
 #: submit commands whose value is a run-time limit in seconds; the earliest is the jobs' expected end
@@ -54,8 +60,28 @@ def submit_commands(route: str, service: str, environ: Mapping[str, str] | None 
     """The submit commands of ``route``: ``x509userproxy`` (when a proxy is found) or ``use_oauth_services``."""
     if route == "token":
         return [("use_oauth_services", service)]
+    if route == "shared":
+        return _shared_files(environ)
     proxy = submitter_proxy(environ)
     return [("x509userproxy", proxy)] if proxy is not None else []
+
+
+def _shared_files(environ: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """``environment`` naming the submit side's credential files (law merges it with its own)."""
+    variables = []
+    for name, find in (("X509_USER_PROXY", find_proxy), ("BEARER_TOKEN_FILE", find_token)):
+        try:
+            found = find(environ)
+        except CredentialError as error:
+            logger.warning("no %s for the jobs: %s", name, error)
+            continue
+        if found is None or found.path is None:
+            continue  # nothing, or a token in $BEARER_TOKEN itself: never into a submit file
+        path = str(found.path.resolve())
+        if any(c.isspace() or c in "\"'" for c in path):
+            raise ValueError(f"--credentials shared: the path {path!r} cannot go into a submit file's environment")
+        variables.append(f"{name}={path}")
+    return [("environment", f'"{" ".join(variables)}"')] if variables else []
 
 
 def render_variables(route: str, service: str, min_lifetime: float | None) -> dict[str, str]:

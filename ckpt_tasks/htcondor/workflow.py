@@ -124,8 +124,9 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
 
     credentials = CheckedChoiceParameter(
         default=routes.config_default(CONFIG_SECTION, "credentials", "proxy"), choices=list(creds.ROUTES),
-        significant=False, description="how jobs get their storage credential: 'proxy' (x509userproxy) or "
-                                       "'token' (use_oauth_services, needs a credmon); default: "
+        significant=False, description="how jobs get their storage credential: 'proxy' (x509userproxy), "
+                                       "'token' (use_oauth_services, needs a credmon) or 'shared' (the "
+                                       "submitter's files, on a shared file system); default: "
                                        "[ckpt_tasks_htcondor] credentials in law.cfg, else proxy")
     oauth_service = luigi.Parameter(
         default=routes.config_default(CONFIG_SECTION, "oauth_service", "scitokens"), significant=False,
