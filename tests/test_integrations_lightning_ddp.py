@@ -31,12 +31,16 @@ STOPPED = re.compile(r"rank (\d) stopped after step (\d+); exit (\d+)")
 class Run(BackgroundRun):
     timeout = 240
 
-    def __init__(self, tmp: Path, store: Path, output: Path, *args: str):
-        super().__init__([sys.executable, str(SCRIPT), str(store), str(output), *args], cwd=tmp)
+    def __init__(self, tmp: Path, store: Path, output: Path, *args: str, launcher: tuple[str, ...] = ()):
+        super().__init__([sys.executable, *launcher, str(SCRIPT), str(store), str(output), *args], cwd=tmp)
 
     def pids(self) -> dict[int, int]:
         return {int(m.group(1)): int(m.group(2)) for line in self.lines
                 if (m := re.match(r"rank (\d) pid (\d+) ", line))}
+
+    def parents(self) -> dict[int, int]:
+        return {int(m.group(1)): int(m.group(2)) for line in self.lines
+                if (m := re.match(r"rank \d pid (\d+) parent (\d+)$", line))}
 
     def trained(self, rank: int) -> list[int]:
         return [int(m.group(1)) for line in self.lines if (m := re.match(rf"rank {rank} epoch \d+ batch \d+ step (\d+)$", line))]
@@ -96,6 +100,22 @@ def test_sigterm_to_the_parent_stops_both_ranks_at_one_step_commits_once_and_res
     assert trained.keys() == reference.keys()
     for key in trained:
         assert trained[key].numpy().tobytes() == reference[key].numpy().tobytes(), key
+
+
+def test_under_the_projects_launcher_a_sigterm_to_it_stops_both_ranks_and_it_exits_85(tmp_path):
+    # The ranks are the launcher's children (Lightning sees torchrun's variables and starts none).
+    store = tmp_path / "store"
+    run = Run(tmp_path, store, tmp_path / "model.pt", "--step-delay", "0.1",
+              launcher=("-m", "ckpt_tasks.distributed.launch", "--nproc", "2", "--"))
+    run.wait_for(r"rank 1 epoch 0 batch 5 step ")
+    parents = run.parents()
+    assert len(parents) == 2 and set(parents.values()) == {run.proc.pid}, run.output[-3000:]
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 85, run.output[-4000:]
+    stops = {int(m.group(1)): int(m.group(2)) for m in STOPPED.finditer(run.output)}
+    assert set(stops) == {0, 1} and stops[0] == stops[1], run.output[-3000:]
+    assert [c.step for c in CheckpointStore(store).list()] == [stops[0]]
+    assert "all 2 ranks exited 85" in run.output
 
 
 def test_saves_by_count_and_by_time_happen_at_the_same_step_on_both_ranks(tmp_path):
