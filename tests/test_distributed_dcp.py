@@ -195,24 +195,26 @@ def assert_complete_or_absent(location, world: int) -> list:
 
 def test_a_sigkilled_rank_leaves_the_newest_sharded_checkpoint_complete_or_absent(location, tmp_path):
     """Rounds of 2 ranks saving every step, each ended by a SIGKILL of one rank: right
-    after that rank published its shard (before the manifest), or at a random moment;
-    each next round resumes from what the previous left."""
+    after that rank published its shard, on rank 0 once every rank has published (before
+    the manifest) and once it has committed (before the others hear of it), or at a random
+    moment; each next round resumes from what the previous left."""
     rng = random.Random(19)
-    kills = [(1, "published"), (0, "published"), (rng.randrange(2), "random"), (rng.randrange(2), "random")]
+    kills = [(1, "published"), (0, "published"), (0, "finishing"), (0, "committed"), (rng.randrange(2), "random")]
     resumed_from = 0
     for round_, (victim, when) in enumerate(kills):
         name = f"round{round_}"
-        pause = "0.8" if when == "published" else "0"
+        pause = "0" if when == "random" else "0.8"
         ranks = start(location.url, 2, tmp_path, name, "--steps", "1000", "--save-every", "1", "--width", "256",
                       "--pause", pause)
         try:
             if resumed_from:
                 wait_for_line(tmp_path, name, victim, rf"^loaded {resumed_from}$", ranks)
             first = int(wait_for_line(tmp_path, name, victim, r"^saved (\d+) ", ranks).group(1))
-            if when == "published":
-                target = int(wait_for_line(tmp_path, name, victim, rf"^published ({first + 1})$", ranks).group(1))
-            else:
+            target = first + 1
+            if when == "random":
                 time.sleep(rng.uniform(0.0, 2.0))
+            else:
+                wait_for_line(tmp_path, name, victim, rf"^{when} {target}$", ranks)
             ranks[victim].kill()
             # The other rank fails by itself: its collective with the dead one breaks.
             survivor = ranks[1 - victim]
@@ -224,11 +226,13 @@ def test_a_sigkilled_rank_leaves_the_newest_sharded_checkpoint_complete_or_absen
                 process.wait()
         checkpoints = assert_complete_or_absent(location, 2)
         assert checkpoints and checkpoints[-1].step >= first
-        if when == "published":
-            # Its shard is on the storage, but no manifest: the checkpoint does not exist.
+        if when in ("published", "finishing"):
+            # Shards on the storage, but no manifest: the checkpoint of that step does not exist.
             assert checkpoints[-1].step == target - 1
             assert any(re.match(rf"step-{target:012d}-[0-9a-f]{{8}}\.ckpt\.000[12]$", n) for n in location.names())
             assert not any(n.startswith(f"step-{target:012d}") and n.endswith(".json") for n in location.names())
+        elif when == "committed":
+            assert checkpoints[-1].step == target  # complete, though no rank saw its save return
         resumed_from = checkpoints[-1].step
 
     # The newest complete checkpoint resumes on one rank, which trains on.

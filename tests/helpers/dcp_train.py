@@ -2,7 +2,8 @@
 loaded through ckpt_tasks.distributed.dcp; run by tests/test_distributed_dcp.py.
 
 Every rank logs to ``--log-dir/rank-R.log``: ``loaded S``, ``step S loss L``,
-``published S`` (its shard of step S is on the storage), ``saved S in T s``. Rank 0 writes the
+``published S`` (its shard of step S is on the storage), ``finishing S`` and
+``committed S`` (rank 0, around its commit), ``saved S in T s``. Rank 0 writes the
 full (unsharded) model and optimizer state after loading (``--out-dir/loaded.pt``) and at
 the end (``final.pt``), for the tests to compare.
 """
@@ -25,8 +26,9 @@ from ckpt_tasks.storage import CheckpointStore, RetryPolicy
 
 
 class PausingWriter(StoreWriter):
-    """The real writer, with a pause after this rank has published its shard: a test double
-    in timing only, so a kill lands between a rank's publish and the coordinator's manifest."""
+    """The real writer, with pauses after this rank has published its shard, before the
+    coordinator's commit and after it: a test double in timing only, so that a kill lands
+    at each of those moments."""
 
     def __init__(self, *args, pause: float, log, **kwargs):
         super().__init__(*args, **kwargs)
@@ -37,6 +39,13 @@ class PausingWriter(StoreWriter):
         self.log(f"published {self.step}")
         time.sleep(self.pause)
         return written
+
+    def finish(self, metadata, results):
+        self.log(f"finishing {self.step}")  # every rank has published; no manifest yet
+        time.sleep(self.pause)
+        super().finish(metadata, results)
+        self.log(f"committed {self.step}")  # manifest and LATEST written; the other ranks not told yet
+        time.sleep(self.pause)
 
 
 def main() -> int:
