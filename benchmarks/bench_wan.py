@@ -6,8 +6,8 @@ and counts the sequential round trips that pass it. For each number of kept
 checkpoints (``--kept``) a location is filled with that many checkpoints of
 ``--size-mib`` MiB (directly, not through the proxy), then, through the proxy:
 
-- ``save``: ``CheckpointStore.save(LOCAL, step)`` by a store whose connection is open
-  (a training's second and later saves), with retention;
+- ``save``: ``CheckpointStore.save(LOCAL, step)`` by a store whose connection is open and
+  that has read the location (a training that restored or saved before), with retention;
 - ``restore (same process)``: a new ``CheckpointStore`` in this process (the client's
   connection is open) restores the newest checkpoint;
 - ``restore (new process)``: ``ckpt-tasks restore`` in a new Python process;
@@ -16,7 +16,8 @@ checkpoints (``--kept``) a location is filled with that many checkpoints of
 
 against ``xrdcp --cksum adler32:source -f LOCAL`` (upload) and ``xrdcp -f`` (download)
 of the same bytes, each a new process that connects first. Each is repeated
-``--repeat`` times, xrdcp and ours alternating; the table has medians.
+``--repeat`` times, xrdcp and ours alternating; the table has medians, the round trips
+of every repetition follow it.
 
     .venv/bin/python benchmarks/bench_wan.py [--rtt 20 100] [--kept 3 20 100] [--size-mib 1] [--repeat 3]
 
