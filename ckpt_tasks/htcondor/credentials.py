@@ -53,11 +53,13 @@ def submitter_proxy(environ: Mapping[str, str] | None = None) -> str | None:
     except CredentialError as error:
         logger.warning("no x509userproxy for the jobs: %s", error)
         return None
-    return str(proxy.path) if proxy is not None else None
+    # absolute: HTCondor reads a relative path from the job's initialdir, not from here
+    return str(proxy.path.resolve()) if proxy is not None else None
 
 
 def submit_commands(route: str, service: str, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
-    """The submit commands of ``route``: ``x509userproxy`` (when a proxy is found) or ``use_oauth_services``."""
+    """The submit commands of ``route``: ``x509userproxy`` (when a proxy is found), ``use_oauth_services``,
+    or an ``environment`` naming the submitter's files (``shared``)."""
     if route == "token":
         return [("use_oauth_services", service)]
     if route == "shared":
