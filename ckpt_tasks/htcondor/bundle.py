@@ -1,7 +1,7 @@
 """Bundles for the ``bundle`` software route: the code and a relocatable Python environment.
 
-Two gzipped tarballs that a job unpacks in its sandbox, so that it needs nothing of the
-submit machine:
+Two gzipped tarballs that a job unpacks (the code in its sandbox, the environment once per
+worker into its cache: job.sh), so that it needs nothing of the submit machine:
 
 - the **code bundle**: the checkout as it is, uncommitted and untracked (not ignored)
   files included, without ``.git``, ``__pycache__`` and test data; named by the sha256
