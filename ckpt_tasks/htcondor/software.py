@@ -32,6 +32,7 @@ from pathlib import Path
 import law
 from law.job.base import BaseJobFileFactory
 
+from ckpt_tasks.htcondor.bundlecache import Retention, check_store_url
 from ckpt_tasks.stop import EXIT_SOFTWARE_UNUSABLE
 
 logger = logging.getLogger(__name__)
@@ -71,18 +72,12 @@ class Settings:
     """
 
     cache_dir: str | None = None
-    cache_retention: object = None
+    cache_retention: Retention = Retention()
     bundle_store: str = ""
     worker_cache: str = ""
-    worker_retention: object = None
+    worker_retention: Retention = Retention()
 
     def __post_init__(self):
-        from ckpt_tasks.htcondor.bundlecache import Retention, check_store_url
-
-        if self.cache_retention is None:
-            object.__setattr__(self, "cache_retention", Retention())
-        if self.worker_retention is None:
-            object.__setattr__(self, "worker_retention", Retention())
         if self.bundle_store:
             object.__setattr__(self, "bundle_store", check_store_url(self.bundle_store))
         if not _WORKER_CACHE_RE.match(self.worker_cache):
@@ -100,8 +95,6 @@ def _raw_option(section: str, option: str) -> str:
 
 def settings_from_config(section: str) -> Settings:
     """The :class:`Settings` of ``[section]`` in law.cfg (defaults where an option is absent)."""
-    from ckpt_tasks.htcondor.bundlecache import Retention
-
     def retention(prefix: str) -> Retention:
         return Retention(keep=int(config_default(section, f"{prefix}_keep", "3")),
                          days=float(config_default(section, f"{prefix}_days", "14")))
