@@ -104,6 +104,7 @@ class StoreWriter(StorageWriter):
         self._commit: ShardedCommit | None = None
         self._local: Path | None = None
         self._files: FileSystemWriter | None = None
+        self._is_coordinator = False
 
     def reset(self, checkpoint_id: Any = None) -> None:
         """A fresh save (``checkpoint_id`` is not used: the store and the step name it)."""
@@ -117,6 +118,7 @@ class StoreWriter(StorageWriter):
         # the storage checks what it holds before anything is committed.
         self._files = FileSystemWriter(self._local, single_file_per_rank=True, sync_files=False, thread_count=1)
         self._files.set_up_storage_writer(is_coordinator, *args, **kwargs)
+        self._is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -139,8 +141,11 @@ class StoreWriter(StorageWriter):
         try:
             shards = {name: commit.publish(assignment.part, self._local / name, name) for name in written}
         finally:
-            for name in written:
-                (self._local / name).unlink(missing_ok=True)
+            if self._is_coordinator:
+                for name in written:
+                    (self._local / name).unlink(missing_ok=True)
+            else:
+                self.close()  # this rank's part of the save is done
         published: Future[list[WriteResult]] = Future()
         published.set_result([dataclasses.replace(result, storage_data=_Published(
             result.storage_data, shards[result.storage_data.relative_path])) for result in results])
@@ -158,12 +163,12 @@ class StoreWriter(StorageWriter):
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         local = self._local / _METADATA_FILE
-        with open(local, "wb") as stream:
-            pickle.dump(metadata, stream)
         try:
+            with open(local, "wb") as stream:
+                pickle.dump(metadata, stream)
             first = self._commit.publish(0, local, _METADATA_FILE)
         finally:
-            local.unlink(missing_ok=True)
+            self.close()
         self.committed = self._commit.commit([first, *shards.values()], self.metadata, self.retention,
                                              layout=DCP_LAYOUT)
         logger.info("committed the sharded checkpoint of step %d (%d files from %d ranks)",
@@ -178,7 +183,7 @@ class StoreWriter(StorageWriter):
         return False  # never chosen by DCP for a checkpoint_id: the caller passes the writer
 
     def close(self) -> None:
-        """Remove the local staging directory."""
+        """Remove the local staging directory (done by the save itself once it succeeded)."""
         if self._local is not None:
             shutil.rmtree(self._local, ignore_errors=True)
             self._local = None
