@@ -133,9 +133,11 @@ def test_a_non_tensor_value_that_is_not_plain_data_is_refused_on_load(tmp_path):
 
 def start(store: str, world: int, tmp: Path, name: str, *options: str) -> list[subprocess.Popen]:
     port = free_port()
+    scratch = tmp / "scratch"  # staging directories of killed ranks stay in the test's directory
+    scratch.mkdir(exist_ok=True)
     args = [sys.executable, TRAIN, "--store", store, "--log-dir", str(tmp / f"logs-{name}"),
             "--out-dir", str(tmp / name), *options]
-    return [subprocess.Popen(args, env=rank_environment(rank, world, port),
+    return [subprocess.Popen(args, env={**rank_environment(rank, world, port), "TMPDIR": str(scratch)},
                              stderr=(tmp / f"{name}-{rank}.err").open("w")) for rank in range(world)]
 
 
