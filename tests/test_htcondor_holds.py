@@ -111,10 +111,12 @@ def test_hold_reasons_are_temporary_or_permanent(code, subcode, temporary):
     assert ("temporary" if temporary else "permanent, not resubmitted") in hold.describe()
 
 
-def checkpoint_by(job_id: str | None, starts: int | None, step: int = 10):
+def checkpoint_by(job_id: str | None, starts: int | None, step: int = 10, completions: int | None = None):
     from ckpt_tasks.storage.store import Checkpoint
 
     job = None if job_id is None else {"job_id": job_id, "num_job_starts": starts}
+    if completions is not None:
+        job["num_job_completions"] = completions
     return Checkpoint(step=step, name="x", size=1, adler32="1", created="", path="x",
                       metadata={"lineage": {"htcondor": job}})
 
@@ -130,6 +132,43 @@ def test_starts_without_progress():
     assert starts_without_progress(me, checkpoint_by("7.0", 3)) == 0   # this very start committed
     assert starts_without_progress(me, checkpoint_by("6.0", 5)) == 3   # an earlier job's checkpoint
     assert starts_without_progress(me, checkpoint_by(None, None)) == 3
+
+
+def test_only_requeued_exits_without_progress_are_crash_restarts():
+    from ckpt_tasks.htcondor.holds import crash_restarts
+
+    assert crash_restarts(None, None) is None
+    # three earlier starts, all evicted or held and released (no requeued exit): no crash
+    assert crash_restarts({"job_id": "7.0", "num_job_starts": 3, "num_holds": 1}, None) == 0
+    # three earlier starts, two of them ended by exits HTCondor requeued, nothing committed
+    failing = {"job_id": "7.0", "num_job_starts": 3, "num_job_completions": 2}
+    assert crash_restarts(failing, None) == 2
+    assert crash_restarts(failing, checkpoint_by("6.0", 5, completions=0)) == 2  # another job's commit
+    # committed at start 1 (after 0 requeued exits): its own exit 85 is no crash, the next one is
+    assert crash_restarts(failing, checkpoint_by("7.0", 1, completions=0)) == 1
+    assert crash_restarts(failing, checkpoint_by("7.0", 2, completions=1)) == 0
+    assert crash_restarts(failing, checkpoint_by("7.0", 1)) == 1  # a lineage written before the counter
+
+
+def test_an_eviction_during_start_up_is_no_crash_restart(tmp_path, monkeypatch):
+    # The ads HTCondor (23.9, test pool) writes into the sandbox at the next start: after
+    # two vacates (one graceful, one -fast) and after a hold and a release, NumJobStarts grew
+    # but NumJobCompletions did not; after two exits requeued by on_exit_remove it did.
+    from ckpt_tasks import jobenv
+    from ckpt_tasks.htcondor.holds import crash_restarts
+
+    def identity(text: str) -> dict:
+        ad = tmp_path / f"{len(list(tmp_path.iterdir()))}.job.ad"
+        ad.write_text(f"ClusterId = 7\nProcId = 0\n{text}\n")
+        monkeypatch.setenv("_CONDOR_JOB_AD", str(ad))
+        return jobenv.current().identity()
+
+    evicted = identity("NumJobStarts = 2\nNumJobCompletions = 0\nLastVacateTime = 1796181468")
+    released = identity("NumJobStarts = 3\nNumJobCompletions = 0\nNumHolds = 1")
+    requeued = identity("NumJobStarts = 2\nNumJobCompletions = 2\nExitCode = 85")
+    assert (evicted["num_job_starts"], evicted["num_job_completions"]) == (2, 0)
+    assert crash_restarts(evicted, None) == 0 and crash_restarts(released, None) == 0
+    assert crash_restarts(requeued, None) == 2
 
 
 def test_resubmission_removes_the_old_job_first_and_skips_permanent_holds(monkeypatch):
@@ -241,19 +280,56 @@ def test_a_temporary_hold_is_pending_for_the_workflow_and_released(htcondor_pool
     assert "Job was held" in log and "Job was released" in log, log
 
 
-def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
-    # Every start is killed (condor_vacate_job -fast) before it commits anything; the third
-    # start finds 2 starts without a checkpoint and exits 86, which the submit file holds.
+def test_evictions_during_start_up_are_no_crash_loop(htcondor_pool, workdir):
+    # Two evictions while the job starts (a graceful vacate, then a hard one), before any
+    # training step: with --crash-loop-starts 2 the third start must train on, not be held.
     command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
-               f"--branches 1 {' '.join(SLOW)} --store {workdir}/ckpt --crash-loop-starts 2 "
+               f"--branches 1 {' '.join(SHORT)} --store {workdir}/ckpt --crash-loop-starts 2 "
+               f"--poll-interval 0.05 --retries 0 --request-memory 500MB --request-disk 200MB")
+    runner = start_in_pool(command, workdir)
+    try:
+        for start, how in ((1, ""), (2, "-fast ")):
+            (job,) = wait_until(lambda: condor_jobs(workdir, f"JobStatus == 2 && NumJobStarts >= {start}"),
+                                180, f"job start {start}")
+            pool("exec", f"condor_vacate_job {how}{job['ClusterId']}.{job['ProcId']}")
+        runner.wait(timeout=600)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    law_log = (workdir / "law.log").read_text()
+    assert runner.returncode == 0, law_log[-3000:]
+    ad = pool("exec", f"condor_history {job['ClusterId']}.{job['ProcId']} -limit 1 -af NumJobStarts "
+                      f"NumHolds JobStatus").split()
+    assert int(ad[0]) >= 3 and ad[1] in ("undefined", "0") and ad[2] == "4", ad  # never held, completed
+    # the third start saw its two starts without a commit, and no failure among them
+    outputs = "".join(path.read_text(errors="replace") for path in workdir.glob("data/htcondor/TrainTask/*/std*"))
+    assert "crash loop" not in outputs, outputs[-3000:]
+    assert "2 starts since its last commit, 0 of them after a failure (the limit is 2)" in outputs, outputs[-3000:]
+
+
+def site_config_retrying_failures(workdir: Path) -> Path:
+    """law.cfg with a site's policy that restarts a failed job in place (``on_exit_remove``,
+    as ``max_retries`` does), so a job that fails at every start loops inside one job."""
+    text = (ROOT / "law.cfg").read_text()
+    assert "[ckpt_tasks_htcondor]\n" in text
+    config = workdir / "law.cfg"
+    section = "[ckpt_tasks_htcondor]\n"
+    config.write_text(text.replace(section, section + "on_exit_remove: ExitCode =?= 0\n"))
+    return config
+
+
+def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
+    # A real failure at every start (--device cuda on a worker without CUDA: create_state
+    # raises); the site's policy requeues the failed job. The third start finds 2 crash
+    # restarts without a checkpoint and exits 86, which the submit file holds.
+    config = site_config_retrying_failures(workdir)
+    command = (in_pool_env(workdir).replace(f"LAW_CONFIG_FILE={ROOT}/law.cfg", f"LAW_CONFIG_FILE={config}")
+               + f"law index --quiet && law run TrainTask --workflow htcondor --branches 1 {' '.join(SLOW)} "
+               f"--device cuda --store {workdir}/ckpt --crash-loop-starts 2 "
                f"--poll-interval 0.05 --retries 1 --request-memory 500MB --request-disk 200MB")
     runner = start_in_pool(command, workdir)
     try:
-        for start in (1, 2):
-            (job,) = wait_until(lambda: condor_jobs(workdir, f"JobStatus == 2 && NumJobStarts >= {start}"),
-                                180, f"job start {start}")
-            pool("exec", f"condor_vacate_job -fast {job['ClusterId']}.{job['ProcId']}")
-        (job,) = wait_until(lambda: condor_jobs(workdir, "JobStatus == 5"), 240, "the crash-loop hold")
+        (job,) = wait_until(lambda: condor_jobs(workdir, "JobStatus == 5"), 400, "the crash-loop hold")
         runner.wait(timeout=300)
     finally:
         if runner.poll() is None:
@@ -261,8 +337,8 @@ def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
     law_log = (workdir / "law.log").read_text()
     assert runner.returncode != 0, law_log[-3000:]
     ad = pool("exec", f"condor_q {job['ClusterId']}.{job['ProcId']} -af HoldReasonCode HoldReasonSubCode "
-                      f"NumJobStarts").split()
-    assert ad[:2] == ["3", "86"] and int(ad[2]) >= 3, ad
+                      f"NumJobStarts NumJobCompletions").split()
+    assert ad[:2] == ["3", "86"] and int(ad[2]) >= 3 and int(ad[3]) >= 2, ad
     # reported with the reason, and never submitted again (one job in the queue and history)
     assert "crash loop" in law_log and "permanent, not resubmitted" in law_log, law_log[-3000:]
     clusters = pool("exec", f"condor_history -constraint '{mine(workdir)}' -af ClusterId; "
@@ -270,14 +346,19 @@ def test_a_crash_loop_is_held_and_not_resubmitted(htcondor_pool, workdir):
     assert set(clusters) == {str(job["ClusterId"])}, clusters
     # the job said why, in its own output
     outputs = "".join(path.read_text(errors="replace") for path in workdir.glob("data/htcondor/TrainTask/*/std*"))
-    assert "crash loop: job" in outputs and "started 2 times without committing" in outputs, outputs[-3000:]
+    assert "crash loop: job" in outputs and "restarted 2 times after failing" in outputs, outputs[-3000:]
+    # HTCondor's job log: the earlier runs failed (law's exit code of an exception in a task, 40)
+    # and the site's policy requeued them
+    user_log = "".join(path.read_text(errors="replace") for path in workdir.glob("data/htcondor/TrainTask/*/log*"))
+    assert user_log.count("Job terminated and was requeued") >= 2, user_log[-3000:]
+    assert user_log.count("Normal termination (return value 40)") >= 2, user_log[-3000:]
 
 
 def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, workdir):
     import json
 
     command = (in_pool_env(workdir) + f"law index --quiet && law run TrainTask --workflow htcondor "
-               f"--branches 0,1,2,3 --epochs 3 --checkpoint-every 10 --store {workdir}/ckpt "
+               f"--branches 0,1,2,3 --epochs 3 --checkpoint-every 10 --step-delay 0.1 --store {workdir}/ckpt "
                f"--poll-interval 0.05 --retries 1 --request-memory 500MB --request-disk 200MB")
     runner = start_in_pool(command, workdir)
     try:
@@ -291,6 +372,11 @@ def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, wo
 
         ids = wait_until(submitted, 180, "four submitted jobs")
         pool("exec", f"condor_hold {ids[3]}")
+        # branch 0 is evicted hard once: the schedd counts it, whatever the store saw of it
+        cluster0 = ids[0].split(".")[0]
+        wait_until(lambda: condor_jobs(workdir, f"ClusterId == {cluster0} && JobStatus == 2"), 240,
+                   "branch 0 running")
+        pool("exec", f"condor_vacate_job -fast {ids[0]}")
         wait_until(lambda: [j["JobStatus"] for j in condor_jobs(workdir)] == [5], 300,
                    "branches 0-2 done, branch 3 held")
         (jobs_dir,) = {p.parent for p in workdir.glob("data/htcondor/TrainTask/*/htcondor_jobs_*.json")}
@@ -309,6 +395,11 @@ def test_status_of_a_four_branch_workflow_with_one_branch_held(htcondor_pool, wo
         # the newest checkpoint is the last one before the training's end (135 steps)
         assert rows[branch]["step"] >= 130 and rows[branch]["job_state"] == "completed", rows[branch]
         assert rows[branch]["job_id"] == ids[branch] and rows[branch]["goodput"] is not None
+        # the schedd's counters: CommittedTime is the run time not lost to evictions
+        assert 0 < rows[branch]["committed_seconds"] <= rows[branch]["wall_seconds"], rows[branch]
+    assert rows[0]["job_starts"] >= 2 and rows[0]["job_evictions"] == 1 and rows[0]["evictions"] >= 1, rows[0]
+    assert rows[0]["committed_seconds"] < rows[0]["wall_seconds"], rows[0]  # the evicted run's time is lost
+    assert rows[1]["job_evictions"] == 0 and rows[1]["job_starts"] == 1, rows[1]
     held = rows[3]
     assert held["job_state"] == "held" and held["hold_temporary"] is False, held
     assert "condor_hold" in held["hold_reason"] and "code 1/" in held["hold_reason"], held

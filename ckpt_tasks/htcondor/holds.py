@@ -27,13 +27,21 @@
 one. :class:`CheckpointingWorkflowProxy` removes the old job (``condor_rm``) before
 every resubmission, and resubmits no permanently held job at all.
 
-**Crash loops.** A job that starts again and again without committing a checkpoint
-(evicted, killed, restarted before its first commit) burns GPU hours for nothing.
-The choice here: the job decides, at its start, from its fresh job ad and the store
-(:func:`starts_without_progress`): with ``crash_loop_starts`` or more starts of this
-job since its last commit, it exits with :data:`CRASH_LOOP_EXIT_CODE`, which the
-submit file turns into a hold (``on_exit_hold``, code 3, subcode 86) with a message.
-HTCondor alone could not say it: in store mode the progress is only in the store.
+**Crash loops.** A job that HTCondor restarts again and again after it failed, without
+committing a checkpoint, burns GPU hours for nothing. Not every restart is a failure:
+an eviction (a vacate, graceful or not, also one during start-up), a hold that was
+released, or a lost machine restart a job through no fault of its own, and must never
+make it a crash loop. What the job ad tells apart (23.9, checked in the test pool): an
+exit of the job itself that HTCondor requeued (a site's ``max_retries``/``on_exit_remove``
+that retries failures, an exit 85 in store mode) raises ``NumJobCompletions``; a vacate
+or a lost starter raises only ``NumJobStarts`` (and ``LastVacateTime``); a hold raises
+``NumHolds``. So the *crash restarts* (:func:`crash_restarts`) are the requeued exits
+since this job's last commit, not counting the committing run's own exit.
+The choice here: the job decides, at its start, from its fresh job ad and the store:
+with ``crash_loop_starts`` or more crash restarts, it exits with
+:data:`CRASH_LOOP_EXIT_CODE`, which the submit file turns into a hold (``on_exit_hold``,
+code 3, subcode 86) with a message. HTCondor alone could not say it: in store mode the
+progress is only in the store.
 """
 from __future__ import annotations
 
@@ -145,29 +153,55 @@ def exit_hold_reason_expression() -> str:
 
 # -- crash loops ---------------------------------------------------------------------------------
 
+def _own_commit(identity: dict, latest) -> dict | None:
+    """The job ad counters recorded by ``latest`` when this very job committed it, else None."""
+    lineage = ((getattr(latest, "metadata", None) or {}).get("lineage") or {}) if latest is not None else {}
+    job = lineage.get("htcondor") or {}
+    if job.get("job_id") == identity.get("job_id") and job.get("num_job_starts") is not None:
+        return job
+    return None  # no checkpoint, or one written by another job (an earlier submission)
+
+
 def starts_without_progress(identity: dict | None, latest) -> int | None:
-    """How many starts of this job came after its newest commit; None outside a job.
+    """How many starts of this job came after its newest commit (evictions and releases
+    included); None outside a job. See :func:`crash_restarts` for what counts as a crash.
 
     ``identity`` is the job's (``jobenv.current().identity()``: its ``NumJobStarts`` is
     the number of earlier starts, the sandbox's ad being fresh at every real start);
-    ``latest`` the store's newest checkpoint (or None). A checkpoint written by
-    another job (an earlier submission) does not count as this job's progress.
+    ``latest`` the store's newest checkpoint (or None).
     """
     if not identity or identity.get("num_job_starts") is None:
         return None
     starts = int(identity["num_job_starts"])
-    lineage = ((getattr(latest, "metadata", None) or {}).get("lineage") or {}) if latest is not None else {}
-    job = lineage.get("htcondor") or {}
-    if job.get("job_id") == identity.get("job_id") and job.get("num_job_starts") is not None:
-        # the run at start n committed it: the starts after n made nothing new
-        return max(0, starts - int(job["num_job_starts"]))
-    return starts
+    job = _own_commit(identity, latest)
+    # the run at start n committed it: the starts after n made nothing new
+    return starts if job is None else max(0, starts - int(job["num_job_starts"]))
 
 
-def crash_loop_message(identity: dict, starts: int, latest) -> str:
+def crash_restarts(identity: dict | None, latest) -> int | None:
+    """How often HTCondor restarted this job after an exit of its own since its newest commit:
+    the restarts that neither committed progress nor followed an eviction or a release
+    (module docstring). None outside a job.
+
+    From the fresh job ad's ``NumJobCompletions`` (requeued exits of the earlier starts);
+    when this job committed ``latest``, the count it recorded then is taken off, and one
+    more: the committing run's own exit (an exit 85 after its commit) made progress.
+    That run may instead have been evicted; then one crash goes uncounted, never the reverse.
+    """
+    if not identity or identity.get("num_job_starts") is None:
+        return None
+    exits = int(identity.get("num_job_completions") or 0)
+    job = _own_commit(identity, latest)
+    if job is None:
+        return exits
+    return max(0, exits - int(job.get("num_job_completions") or 0) - 1)
+
+
+def crash_loop_message(identity: dict, restarts: int, latest) -> str:
     """What the job prints before it exits with :data:`CRASH_LOOP_EXIT_CODE`."""
     newest = "no checkpoint" if latest is None else f"the newest checkpoint is step {latest.step}"
-    return (f"crash loop: job {identity.get('job_id')} started {starts} times without committing a "
+    return (f"crash loop: job {identity.get('job_id')} was restarted {restarts} times after failing "
+            f"(exits that HTCondor requeued; evictions and releases not counted) without committing a "
             f"checkpoint ({newest}); exiting with {CRASH_LOOP_EXIT_CODE} so that HTCondor holds it. "
             f"Look at the earlier runs' logs, then condor_release or condor_rm the job.")
 
@@ -269,7 +303,7 @@ class CheckpointingWorkflowProxy(_proxy_base()):
 
 def crash_loop_guard(task) -> None:
     """luigi's START handler of HTCondorWorkflow tasks: in an HTCondor job, a branch that
-    started ``crash_loop_starts`` times since its last commit exits with
+    was restarted ``crash_loop_starts`` times after failing (:func:`crash_restarts`) exits with
     :data:`CRASH_LOOP_EXIT_CODE` before it trains (the submit file holds it)."""
     import os
     import sys
@@ -287,10 +321,13 @@ def crash_loop_guard(task) -> None:
     except Exception as error:  # the task's own restore will report the storage; never block it here
         logger.warning("crash-loop check skipped: %s", error)
         return
-    starts = starts_without_progress(identity, latest)
-    if starts is None or starts < limit:
+    restarts, starts = crash_restarts(identity, latest), starts_without_progress(identity, latest)
+    if restarts is None or restarts < limit:
+        if starts:
+            logger.info("job %s: %s starts since its last commit, %s of them after a failure (the limit is %s)",
+                        identity.get("job_id"), starts, restarts, limit)
         return
-    logger.error(crash_loop_message(identity, starts, latest))
+    logger.error(crash_loop_message(identity, restarts, latest))
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()

@@ -105,4 +105,9 @@ def job_identity(ad: JobAd) -> dict:
         "global_job_id": ad.get("GlobalJobId"),
         "job_current_start_date": _int_or_none(ad.get("JobCurrentStartDate")),
         "last_vacate_time": _int_or_none(ad.get("LastVacateTime")),
+        # What ended the earlier starts, for the crash-loop check (ckpt_tasks/htcondor/holds.py):
+        # exits HTCondor requeued, and holds. Only when the ad has them (hand-made ads do not).
+        **{key: _int_or_none(ad.get(name)) for key, name in (("num_job_completions", "NumJobCompletions"),
+                                                              ("num_holds", "NumHolds"))
+           if ad.get(name) is not None},
     }
