@@ -105,8 +105,9 @@ class HTCondorWorkflow(law.contrib.htcondor.HTCondorWorkflow):
     request_cpus = PositiveIntParameter(default=1, significant=False, description="CPUs per job; default: 1")
     crash_loop_starts = NonNegativeIntParameter(
         default=3, significant=False,
-        description="a job that started this many times since its last checkpoint is held as a crash loop "
-                    "(exit 86, on_exit_hold); 0 never; default: 3")
+        description="a job that HTCondor restarted this many times after a failing exit, with no checkpoint "
+                    "since, is held as a crash loop (exit 86, on_exit_hold; evictions and releases do not "
+                    "count); 0 never; default: 3")
     hold_release_delay = NonNegativeIntParameter(
         default=300, significant=False,
         description="seconds before a temporary hold (transfer failure, ...) is released; default: 300")
