@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"starting from scratch|resuming from step")
+SOFTWARE = re.compile(r"software \(\w+\) checked and unpacked in ([\d.]+) s")
 
 
 def render(data: Path, cache: Path, software: str) -> tuple[str, list[str]]:
@@ -59,19 +60,22 @@ def render(data: Path, cache: Path, software: str) -> tuple[str, list[str]]:
     return script.read_text(), shlex.split(arguments)
 
 
-def start_job(script: str, arguments: list[str], sandbox: Path, worker_cache: Path) -> float:
-    """Seconds from the job's start to its first training step."""
+def start_job(script: str, arguments: list[str], sandbox: Path, worker_cache: Path) -> tuple[float, float]:
+    """Seconds from the job's start to its first training step, and of its software phase (the
+    job's own figure: fetch, check, unpack; 0 in the shared route)."""
     env = {"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(sandbox), "CKPT_TASKS_WORKER_CACHE": str(worker_cache),
            "OMP_NUM_THREADS": "1", "HOME": str(sandbox)}
     started = time.monotonic()
     job = subprocess.Popen(["bash", "-c", script, "job.sh", *arguments], cwd=sandbox, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    seen = []
+    seen, phase = [], 0.0
     try:
         for line in job.stdout:
             seen.append(line)
+            if match := SOFTWARE.search(line):
+                phase = float(match.group(1))
             if READY.search(line):
-                return time.monotonic() - started
+                return time.monotonic() - started, phase
         raise RuntimeError("the job ended before its first step:\n" + "".join(seen[-30:]))
     finally:
         if job.poll() is None:
@@ -107,6 +111,7 @@ def main() -> None:
               f"{env_cached:.2f} s when cached")
         print(f"code bundle: {code.size / 1e6:.2f} MB, {code_s:.2f} s")
         rows: dict[str, list[float]] = {}
+        phases: dict[str, list[float]] = {}
         for run in range(args.repeat):
             for software in ("shared", "bundle"):
                 script, arguments = render(work / "data", cache, software)
@@ -114,24 +119,28 @@ def main() -> None:
                     ["bundle (first on the worker)", "bundle (cached)", "bundle (no worker cache)"]
                 worker_cache = work / f"worker-cache-{run}"
                 for case in cases:
-                    sandbox = work / f"sandbox-{run}-{len(rows.get(case, []))}-{case.split()[0]}-{cases.index(case)}"
+                    sandbox = work / f"sandbox-{run}-{software}-{cases.index(case)}"
                     sandbox.mkdir(parents=True)
-                    if software == "bundle":
-                        for bundle in (env, code):
-                            os.link(bundle.path, sandbox / bundle.path.name)
+                    # the bundles this job script names (the code bundle is the checkout at rendering)
+                    for name in set(re.findall(r'"((?:code|env)-[0-9a-f]+\.tar\.gz)"', script)):
+                        os.link(cache / name, sandbox / name)
                     cache_here = worker_cache
                     if case == "bundle (no worker cache)":
                         cache_here = work / "open-cache"
                         cache_here.mkdir(exist_ok=True)
                         cache_here.chmod(0o777)  # writable by others: never used
-                    rows.setdefault(case, []).append(start_job(script, arguments, sandbox, cache_here))
+                    total, phase = start_job(script, arguments, sandbox, cache_here)
+                    rows.setdefault(case, []).append(total)
+                    phases.setdefault(case, []).append(phase)
                     shutil.rmtree(sandbox, ignore_errors=True)
                 shutil.rmtree(worker_cache, ignore_errors=True)
         shared = statistics.median(rows["shared"])
-        print(f"\njob start to the first training step, median of {args.repeat} (min-max):")
+        print(f"\njob start to the first training step, median of {args.repeat} (min-max); of it the "
+              "software phase (fetch, check, unpack):")
         for case, values in rows.items():
             median = statistics.median(values)
-            extra = "" if case == "shared" else f"   the bundle adds {median - shared:+.1f} s"
+            extra = "" if case == "shared" else f"   software {statistics.median(phases[case]):5.1f} s, " \
+                                                f"vs shared {median - shared:+.1f} s"
             print(f"  {case:30s} {median:6.1f} s ({min(values):.1f}-{max(values):.1f}){extra}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
