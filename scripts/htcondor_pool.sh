@@ -373,6 +373,17 @@ START = True
 SUSPEND = False
 PREEMPT = False
 KILL = False
+
+# x509userproxy: copy the proxy file to the job instead of delegating it. Delegation
+# cannot work with this HTCondor (23.9) on trixie's OpenSSL 3.5: the starter's
+# certificate request sets X509_REQ version 2, which OpenSSL 3.5 refuses (3.0 took it), so it logs
+# "get_x509_delegation(): delegation failed: X509Credential::Request() failed" and the
+# job's X509_USER_PROXY names a file that never arrives. Copying is what a site with such
+# an HTCondor must configure too; transfers between shadow and starter stay authenticated.
+DELEGATE_JOB_GSI_CREDENTIALS = False
+# How often a running job's shadow looks for a renewed x509userproxy on the access point
+# (default 600 s): short, so a test sees a renewal reach a running job.
+SHADOW_CHECKPROXY_INTERVAL = 5
 CONF
     chmod 644 "${tmp}"
     mv -f "${tmp}" "${file}"
@@ -596,6 +607,8 @@ its daemons use the same port 9618, so only one pool can run at a time"
     in_chroot install -d -o condor -g condor -m 755 /run/condor /run/lock/condor
     if master_running; then
         say "condor_master already running (pid $(master_pids | paste -sd " "))"
+        # The configuration was just rewritten: running daemons read it again.
+        in_chroot condor_reconfig >/dev/null 2>&1 || warn "condor_reconfig failed"
     else
         say "starting condor_master"
         # Detached from our session, stdio and lock (fd 9): it daemonises and must
