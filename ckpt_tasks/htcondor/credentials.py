@@ -5,7 +5,10 @@ Two routes (``--credentials``, default ``[ckpt_tasks_htcondor] credentials`` in 
 ``proxy`` (the default)
     The submitter's X.509 proxy, found where the XRootD client finds it, goes with every job
     (``x509userproxy``); HTCondor refreshes the job's copy when the file on the access point
-    is renewed.
+    is renewed (within ``SHADOW_CHECKPROXY_INTERVAL``), and a job released from a hold
+    starts with the renewed file. Where HTCondor's delegation of the proxy fails (its 23.x
+    starters on OpenSSL 3.5), the access point needs ``DELEGATE_JOB_GSI_CREDENTIALS = False``
+    (a copy instead).
 ``token``
     ``use_oauth_services = <service>`` (``--oauth-service``, default ``scitokens``): HTCondor's
     credmon keeps ``$_CONDOR_CREDS/<service>.use`` fresh in the job, and the job script points
