@@ -138,7 +138,11 @@ def _apply_ad(status: BranchStatus, ad: dict) -> None:
 def schedd_evictions(ad: dict) -> int | None:
     """The evictions of a job by the schedd's counters: ``NumVacates`` where the schedd has it,
     else the runs that ended neither by an exit of the job (``NumJobCompletions``) nor by a hold
-    (HTCondor 23.9 counts no vacates; a lost machine then counts as an eviction too)."""
+    (HTCondor 23.9 counts no vacates; a lost machine then counts as an eviction too).
+
+    The fallback is a lower bound: an exit that ``on_exit_hold`` held raises both counters,
+    and a hold of an idle job ended no run, so such holds hide as many evictions; the
+    store's own count (from the reasons of its checkpoints) is taken where it is larger."""
     if ad.get("NumVacates") is not None:
         return int(ad["NumVacates"])
     if ad.get("NumJobStarts") is None:

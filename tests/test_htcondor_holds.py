@@ -150,6 +150,18 @@ def test_only_requeued_exits_without_progress_are_crash_restarts():
     assert crash_restarts(failing, checkpoint_by("7.0", 1)) == 1  # a lineage written before the counter
 
 
+def test_released_exit_holds_are_no_crash_restarts():
+    # As the test pool's schedd counts a job that exited 86 under on_exit_hold: NumJobCompletions 1
+    # and NumHolds 1 (seen with condor_q after `exit 86`). Released by a person, it is no crash.
+    from ckpt_tasks.htcondor.holds import crash_restarts
+
+    held_then_released = {"job_id": "7.0", "num_job_starts": 2, "num_job_completions": 1, "num_holds": 1}
+    assert crash_restarts(held_then_released, None) == 0
+    # three credential holds (exit 88) released, then two real crashes: two
+    renewed = {"job_id": "7.0", "num_job_starts": 6, "num_job_completions": 5, "num_holds": 3}
+    assert crash_restarts(renewed, None) == 2
+
+
 def test_an_eviction_during_start_up_is_no_crash_restart(tmp_path, monkeypatch):
     # The ads HTCondor (23.9, test pool) writes into the sandbox at the next start: after
     # two vacates (one graceful, one -fast) and after a hold and a release, NumJobStarts grew

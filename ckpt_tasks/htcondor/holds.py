@@ -35,7 +35,8 @@ make it a crash loop. What the job ad tells apart (23.9, checked in the test poo
 exit of the job itself that HTCondor requeued (a site's ``max_retries``/``on_exit_remove``
 that retries failures, an exit 85 in store mode) raises ``NumJobCompletions``; a vacate
 or a lost starter raises only ``NumJobStarts`` (and ``LastVacateTime``); a hold raises
-``NumHolds``. So the *crash restarts* (:func:`crash_restarts`) are the requeued exits
+``NumHolds``, and an exit that ``on_exit_hold`` held raises both counters. So the *crash
+restarts* (:func:`crash_restarts`) are the exits less the holds (:func:`requeued_exits`)
 since this job's last commit, not counting the committing run's own exit.
 The choice here: the job decides, at its start, from its fresh job ad and the store:
 with ``crash_loop_starts`` or more crash restarts, it exits with
@@ -183,18 +184,26 @@ def crash_restarts(identity: dict | None, latest) -> int | None:
     the restarts that neither committed progress nor followed an eviction or a release
     (module docstring). None outside a job.
 
-    From the fresh job ad's ``NumJobCompletions`` (requeued exits of the earlier starts);
+    From the fresh job ad's ``NumJobCompletions`` and ``NumHolds`` (:func:`requeued_exits`);
     when this job committed ``latest``, the count it recorded then is taken off, and one
     more: the committing run's own exit (an exit 85 after its commit) made progress.
     That run may instead have been evicted; then one crash goes uncounted, never the reverse.
     """
     if not identity or identity.get("num_job_starts") is None:
         return None
-    exits = int(identity.get("num_job_completions") or 0)
+    exits = requeued_exits(identity)
     job = _own_commit(identity, latest)
     if job is None:
         return exits
-    return max(0, exits - int(job.get("num_job_completions") or 0) - 1)
+    return max(0, exits - requeued_exits(job) - 1)
+
+
+def requeued_exits(counters: dict) -> int:
+    """The exits of a job that HTCondor requeued, from its ``num_job_completions`` and
+    ``num_holds``: an exit that ``on_exit_hold`` held (86, 87, 88) raises both, so
+    releasing such a hold is no crash. A hold while running raises only ``NumHolds``, so
+    this may count one requeued exit too few for each such hold, never one too many."""
+    return max(0, int(counters.get("num_job_completions") or 0) - int(counters.get("num_holds") or 0))
 
 
 def crash_loop_message(identity: dict, restarts: int, latest) -> str:
