@@ -4,9 +4,12 @@
   with its reason, and nothing reaches the queue;
 - the token route: the submit file asks HTCondor for the OAuth service's token, and the job
   script points ``BEARER_TOKEN_FILE`` at ``$_CONDOR_CREDS/<service>.use``;
-- a proxy that expires in the middle of a training: the next commit is refused, the job exits
-  88 and is held with the reason that says to renew and release; renewed and released, it
-  resumes from its last checkpoint and completes.
+- a proxy that expires in the middle of a training, handed to the job by HTCondor
+  (``x509userproxy``, the default route): the next commit is refused, the job exits 88 and
+  is held with the reason that says to renew and release; renewed and released, it starts
+  with the renewed proxy, resumes from its last checkpoint and completes;
+- a proxy renewed on the access point reaches a running job's copy;
+- the shared route: the job reads the submitter's own proxy file.
 
 The servers run on the host's loopback (the pool's chroot shares the network); what law and
 the jobs in the pool must read (the CA directory, proxies, tokens) lies in the test's folder
@@ -19,6 +22,7 @@ import os
 import pwd
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -201,22 +205,29 @@ def test_a_token_route_job_writes_with_the_token_htcondor_gives_it(htcondor_pool
     assert token not in logs and token.split(".")[2] not in logs
 
 
-@pytest.mark.timeout(900)  # 100 s to the expiry, the hold, the rest of the training after the release
+def found_proxies(log: str) -> list[tuple[str, dt.timedelta]]:
+    """The proxies the job's preflights found: their files and the lifetime they had left."""
+    return [(path, dt.timedelta(hours=int(h), minutes=int(m), seconds=int(sec)))
+            for path, h, m, sec in re.findall(r"preflight: found x509 proxy (\S+) \(X509_USER_PROXY\)"
+                                              r"[^\n]*\(in (\d+):(\d\d):(\d\d)\)", log)]
+
+
+@pytest.mark.timeout(900)  # 3 min to the expiry, the hold, the rest of the training after the release
 def test_a_proxy_expiring_mid_training_holds_the_job_until_renewed_and_released(
         htcondor_pool, workdir, test_pki, alice, gsi_server):
-    """The job reads the submitter's proxy file through the shared checkout (``--credentials
-    shared``): this pool's HTCondor cannot hand a proxy over by ``x509userproxy`` (its
-    delegation fails in the starter, "X509Credential::Request() failed", and the job's
-    X509_USER_PROXY names a file that never arrived)."""
+    """The default route: HTCondor hands the submitter's proxy to the job (``x509userproxy``,
+    copied into the sandbox: the pool sets ``DELEGATE_JOB_GSI_CREDENTIALS = False``), and
+    after the renewal and ``condor_release`` the new start brings the renewed one."""
     certs = client_files(workdir, test_pki)
-    # The proxy outlives the submission and the job's start (its preflight asks 15 s), not
-    # the training (25 epochs of 45 steps at 0.2 s). Idle connections close after 1 s: the
-    # first commit after the expiry opens a new one, and is refused.
-    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(seconds=100))
+    # The proxy outlives the submission (condor_submit wants CRED_MIN_TIME_LEFT, 120 s, left)
+    # and the job's start (its preflight asks 15 s), not the training (30 epochs of 45 steps
+    # at 0.2 s). Idle connections close after 1 s: the first commit after the expiry opens a
+    # new one, and is refused.
+    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(seconds=180))
     law_cfg = law_cfg_with(workdir, environment=f'"X509_CERT_DIR={certs} XRD_DATASERVERTTL=1"')
     store = f"{gsi_server.url}//alice/ckpt"
-    args = (f"--branches 0 --epochs 25 --checkpoint-every 10 --step-delay 0.2 --store {store} "
-            f"--storage-timeout 20 --credentials shared --credential-min-lifetime 15 --expected-runtime 3600 "
+    args = (f"--branches 0 --epochs 30 --checkpoint-every 10 --step-delay 0.2 --store {store} "
+            f"--storage-timeout 20 --credential-min-lifetime 15 --expected-runtime 3600 "
             f"--poll-interval 0.05 --retries 0 {' '.join(RESOURCES)}")
     command = pool_env(workdir, certs, proxy, law_cfg) + f"law index --quiet && law run TrainTask --workflow htcondor {args}"
     runner = start_in_pool(command, workdir)
@@ -226,7 +237,7 @@ def test_a_proxy_expiring_mid_training_holds_the_job_until_renewed_and_released(
                 pytest.fail("the workflow ended without a held job:\n" + (workdir / "law.log").read_text()[-3000:])
             return condor_jobs(workdir, "JobStatus == 5")
 
-        (job,) = wait_until(held, 400, "the job held at the proxy's expiry", interval=1)
+        (job,) = wait_until(held, 480, "the job held at the proxy's expiry", interval=1)
         runner.wait(timeout=120)  # the permanent hold fails the workflow (--retries 0); the job stays held
     finally:
         if runner.poll() is None:
@@ -238,18 +249,27 @@ def test_a_proxy_expiring_mid_training_holds_the_job_until_renewed_and_released(
     code, subcode, reason = held.split(" ", 2)
     assert (code, subcode) == ("3", str(EXIT_CREDENTIAL_REFUSED)), held
     assert "renew the proxy or token" in reason and "condor_release" in reason, held
+    assert pool("exec", f"condor_q {job_id} -af x509userproxy").strip() == str(proxy)
     log = job_output(workdir)
     assert "the storage refused this job's credential" in log and "refused before training" not in log, log[-4000:]
+    # The job read HTCondor's copy in its sandbox, not the submitter's file.
+    ((sandbox_proxy, left),) = found_proxies(log)
+    assert sandbox_proxy != str(proxy) and not sandbox_proxy.startswith(str(workdir)), sandbox_proxy
+    assert left < dt.timedelta(minutes=3), left
     committed = [int(n) for n in re.findall(r"step-(\d+)-", " ".join(
         p.name for p in gsi_server.data_dir.glob("alice/ckpt/TrainTask/*/branch-0/step-*.json")))]
     assert committed and max(committed) > 0, "no checkpoint before the expiry"
 
-    # Renew the proxy where it was submitted from, release: the job resumes and completes.
+    # Renew the proxy where it was submitted from, release: the new start brings the renewed
+    # proxy, and the job resumes from its last checkpoint and completes.
     proxy_for_pool(test_pki, alice, proxy, dt.timedelta(hours=2))
     pool("exec", f"condor_release {job_id}")
     wait_until(lambda: not condor_jobs(workdir), 400, "the released job to complete")
     log = job_output(workdir)
     after = log[log.rindex("NumJobStarts = "):]
+    # the job's logging goes to stderr, before "NumJobStarts" (stdout) in job_output: the last found
+    _, left = found_proxies(log)[-1]
+    assert left > dt.timedelta(hours=1), left  # the renewed proxy, not the expired one
     resumed = [int(n) for n in re.findall(r"resuming from step (\d+)", after)]
     assert resumed and resumed[0] == max(committed), (committed, after[-4000:])
     assert "training complete" in after, after[-4000:]
@@ -259,3 +279,59 @@ def test_a_proxy_expiring_mid_training_holds_the_job_until_renewed_and_released(
     assert "EXIT=0" in out, out[-3000:]
     text = (workdir / "law.log").read_text() + log + out
     assert proxy.read_text().split("PRIVATE KEY-----")[1][:40] not in text
+
+
+def test_a_running_job_gets_the_proxy_renewed_on_the_access_point(htcondor_pool, workdir, test_pki, alice):
+    """What the default route relies on for long trainings: a proxy renewed on the access
+    point reaches the running job's copy (the shadow looks every SHADOW_CHECKPROXY_INTERVAL,
+    5 s in the test pool, 600 s by default), with no hold and no restart."""
+    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(hours=1))
+    jobdir = workdir / "data" / "show-proxy"  # under workdir/: condor_jobs finds the job by its Iwd
+    jobdir.mkdir()
+    script = jobdir / "show-proxy.sh"
+    # The job prints the end date of its proxy copy until it sees another one.
+    script.write_text("#!/bin/sh\n"
+                      'first=$(openssl x509 -in "$X509_USER_PROXY" -noout -enddate)\n'
+                      'echo "proxy $X509_USER_PROXY $first"\n'
+                      "for i in $(seq 1 120); do\n"
+                      '  now=$(openssl x509 -in "$X509_USER_PROXY" -noout -enddate)\n'
+                      '  if [ "$now" != "$first" ]; then echo "renewed $now"; exit 0; fi\n'
+                      "  sleep 0.5\n"
+                      "done\n"
+                      "exit 1\n")
+    script.chmod(0o755)
+    submit = jobdir / "show-proxy.sub"
+    submit.write_text(f"executable = {script}\nx509userproxy = {proxy}\ninitialdir = {jobdir}\n"
+                      "output = show-proxy.out\nerror = show-proxy.err\nlog = show-proxy.log\n"
+                      "request_memory = 50MB\nrequest_disk = 10MB\nshould_transfer_files = YES\nqueue\n")
+    give_to_job_user(jobdir)
+    out = pool("exec", f"condor_submit {submit}")
+    cluster = re.search(r"submitted to cluster (\d+)", out).group(1)
+    wait_until(lambda: condor_jobs(workdir, "JobStatus == 2"), 120, "the job to run")
+    time.sleep(4)  # the job has read its first copy
+    proxy_for_pool(test_pki, alice, proxy, dt.timedelta(hours=3))
+    wait_until(lambda: not condor_jobs(workdir), 120, "the job to see the renewed proxy")
+    assert pool("exec", f"condor_history {cluster}.0 -af ExitCode").strip() == "0", \
+        (jobdir / "show-proxy.out").read_text()
+    first, second = (jobdir / "show-proxy.out").read_text().splitlines()
+    assert first.startswith("proxy ") and str(proxy) not in first, first  # a copy in the sandbox
+    end = dt.datetime.strptime(second.split("notAfter=")[1].strip(), "%b %d %H:%M:%S %Y %Z")
+    assert end.replace(tzinfo=dt.timezone.utc) > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2), second
+
+
+def test_a_shared_route_job_reads_the_submitter_s_proxy_file(htcondor_pool, workdir, test_pki, alice, gsi_server):
+    """``--credentials shared``: no ``x509userproxy``; the job's X509_USER_PROXY names the
+    submitter's own file (seen by the workers through a shared file system, here the
+    bind-mounted checkout), and it trains and commits with it."""
+    certs = client_files(workdir, test_pki)
+    proxy = proxy_for_pool(test_pki, alice, workdir / "x509up", dt.timedelta(hours=2))
+    law_cfg = law_cfg_with(workdir, environment=f'"X509_CERT_DIR={certs}"')
+    args = (f"--branches 0 --epochs 1 --checkpoint-every 10 --store {gsi_server.url}//alice/shared "
+            f"--storage-timeout 20 --credentials shared --poll-interval 0.05 --retries 0 {' '.join(RESOURCES)}")
+    command = pool_env(workdir, certs, proxy, law_cfg) + f"law index --quiet && law run TrainTask --workflow htcondor {args}"
+    out = pool("exec", command + " 2>&1; echo EXIT=$?", timeout=400)
+    log = job_output(workdir)
+    assert "EXIT=0" in out, out[-3000:] + log[-3000:]
+    assert [path for path, _ in found_proxies(log)] == [str(proxy)], log[-4000:]
+    assert "training complete" in log, log[-4000:]
+    assert list(gsi_server.data_dir.glob("alice/shared/TrainTask/*/branch-0/step-*.json"))
