@@ -32,7 +32,11 @@ class Run(BackgroundRun):
     timeout = 240
 
     def __init__(self, tmp: Path, store: Path, output: Path, *args: str, launcher: tuple[str, ...] = ()):
-        super().__init__([sys.executable, *launcher, str(SCRIPT), str(store), str(output), *args], cwd=tmp)
+        # The callback's local work directories go under the test's own scratch directory.
+        self.scratch = tmp / "scratch"
+        self.scratch.mkdir(exist_ok=True)
+        super().__init__([sys.executable, *launcher, str(SCRIPT), str(store), str(output), *args], cwd=tmp,
+                         env={"TMPDIR": str(self.scratch)})
 
     def pids(self) -> dict[int, int]:
         return {int(m.group(1)): int(m.group(2)) for line in self.lines
@@ -91,6 +95,8 @@ def test_sigterm_to_the_parent_stops_both_ranks_at_one_step_commits_once_and_res
     while alive(pids[1]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(pids[1]), "rank 1 outlived the job"
+    # a stop leaves without Lightning's teardown: the ranks removed their local copies themselves
+    assert list(first.scratch.glob("ckpt-lightning-*")) == [], list(first.scratch.rglob("*"))
 
     second = Run(tmp_path, store, tmp_path / "model.pt")
     assert second.finish() == 0, second.output[-4000:]

@@ -204,7 +204,8 @@ class LightningCheckpointerCallback(pl.Callback):
             self._ranks = LightningRanks(
                 trainer, commit=lambda: self.checkpointer.write_and_transfer(trainer),
                 save_checkpoint=lambda: self._save(self._workdir / "rank-part.ckpt", trainer),
-                exit_code_for=self.checkpointer.exit_code_for, checkpoint_every=self._cadence[0],
+                exit_code_for=self.checkpointer.exit_code_for, clean_up=self._remove_local_files,
+                checkpoint_every=self._cadence[0],
                 checkpoint_interval=self._cadence[1],
                 restored_step=self.transfer.restored.step if self._restored_path is not None else None)
 
@@ -274,6 +275,15 @@ class LightningCheckpointerCallback(pl.Callback):
         self.checkpointer.close()
         if self._own_workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _remove_local_files(self) -> None:
+        """After a stop on several ranks, which leaves without teardown: the store holds the
+        checkpoint, the local copies go (the whole work directory when the callback made it)."""
+        if self._own_workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        elif self.store is not None:
+            for name in ("lightning.ckpt", "rank-part.ckpt"):
+                (self._workdir / name).unlink(missing_ok=True)
 
     @staticmethod
     def _at_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:

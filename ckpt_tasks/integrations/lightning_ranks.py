@@ -40,8 +40,10 @@ from ckpt_tasks.stop import CHECKPOINT_EXIT_CODE, EXIT_CHECKPOINT_FAILED, exit_p
 
 logger = logging.getLogger(__name__)
 
-#: seconds on top of the stop deadline that the other ranks wait for rank 0's final commit
-_COMMIT_WAIT_MARGIN = 30.0
+#: seconds the other ranks wait for rank 0's final commit. Generous: a commit of several GB
+#: over a WAN link may take long, the batch system's vacate time ends a hung job sooner, and
+#: a rank 0 that died is seen at once (its connections close).
+DEFAULT_COMMIT_TIMEOUT = 3600.0
 #: seconds a rank started by rank 0 waits for rank 0 to be gone before it leaves anyway
 _PARENT_EXIT_WAIT = 60.0
 
@@ -64,24 +66,27 @@ class LightningRanks:
         checkpoint_interval: also save after this many seconds, agreed among the ranks.
         restored_step: the step this rank restored (None: none), checked against the others'.
         control_timeout: seconds a control collective waits for a hung peer.
-        stop_deadline: seconds rank 0's final commit may take.
+        clean_up: removes this rank's local files; called before a stop leaves the process
+            (which skips Lightning's teardown).
+        commit_timeout: seconds the other ranks wait for rank 0's final commit.
     """
 
     def __init__(self, trainer: Any, *, commit: Callable[[], None], save_checkpoint: Callable[[], None],
                  exit_code_for: Callable[[Exception], int], checkpoint_every: int | None,
                  checkpoint_interval: float | None, restored_step: int | None,
-                 control_timeout: float = DEFAULT_TIMEOUT, stop_deadline: float = 300.0):
+                 clean_up: Callable[[], None] = lambda: None,
+                 control_timeout: float = DEFAULT_TIMEOUT, commit_timeout: float = DEFAULT_COMMIT_TIMEOUT):
         self.rank = int(trainer.global_rank)
         self.world_size = int(trainer.world_size)
         self.commit = commit
         self.save_checkpoint = save_checkpoint
         self.exit_code_for = exit_code_for
         self.checkpoint_every = checkpoint_every
-        self.stop_deadline = stop_deadline
+        self.clean_up = clean_up
         self._interval = SaveInterval(checkpoint_interval) if checkpoint_interval else None
         # Every rank creates the groups in the same order: new_group is itself collective.
         self._control = control_group(control_timeout)
-        self._commit_wait = control_group(stop_deadline + _COMMIT_WAIT_MARGIN)
+        self._commit_wait = control_group(commit_timeout)
         self.agreement = StopAgreement(control_group(control_timeout))
         self.saved_step: int | None = None  # the step of the last save, the same on every rank
         #: every rank's RNG states at the last save (rank 0 only), for the callback's state
@@ -177,6 +182,10 @@ class LightningRanks:
             pass
         logger.info("rank %d stopped after step %d; exit %d", self.rank, step, code)
         self.uninstall()
+        try:
+            self.clean_up()
+        except OSError as error:  # a leftover local file must not change the exit code
+            logger.warning("rank %d: local files not removed: %s", self.rank, error)
         self._leave(code)
 
     def _leave(self, code: int) -> None:
