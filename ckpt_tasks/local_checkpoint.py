@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,9 @@ from typing import Callable
 from ckpt_tasks.errors import CkptTasksError
 
 logger = logging.getLogger(__name__)
+
+#: a temporary path this old (seconds since its last change) of a dead writer is removed
+STALE_PARTIAL_SECONDS = 3600
 
 # What partial() puts between the prefix and the suffix: host, process id, a random tag.
 _PARTIAL_TAG = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -80,7 +84,9 @@ class LocalCheckpointPath:
         """Remove the temporary paths that a killed process of this host left behind.
 
         A partial path names its host and process; those of a process that still runs
-        (another writer) or of another host (a shared file system) are left alone.
+        (another writer), of another host (a shared file system), or younger than
+        :data:`STALE_PARTIAL_SECONDS` (a container's process ids are not this host's) are
+        left alone.
         """
         prefix, _ = self._partial_prefix()
         host = socket.gethostname()
@@ -93,7 +99,12 @@ class LocalCheckpointPath:
             writer = _PARTIAL_TAG.match(candidate.name[len(prefix):])
             if writer is None or writer["host"] != host or _process_alive(int(writer["pid"])):
                 continue
-            _remove(candidate)
+            try:
+                if time.time() - candidate.lstat().st_mtime < STALE_PARTIAL_SECONDS:
+                    continue  # maybe a writer in another PID namespace of this host, still at work
+                _remove(candidate)
+            except FileNotFoundError:
+                continue  # another process cleaned it up first
             removed.append(candidate)
         if removed:
             logger.info("removed %d temporary file(s) of killed writers beside %s", len(removed), self.path)

@@ -2,8 +2,9 @@
 import os
 import socket
 import subprocess
+import time
 
-from ckpt_tasks.local_checkpoint import LocalCheckpointPath
+from ckpt_tasks.local_checkpoint import STALE_PARTIAL_SECONDS, LocalCheckpointPath
 
 
 def _dead_pid() -> int:
@@ -26,10 +27,15 @@ def test_partials_of_a_killed_writer_are_removed_at_the_next_write(tmp_path):
     stale_file.write_bytes(b"half a download")
     stale_dir = stale_file.with_name(stale_file.name + ".d")  # an unpacked directory checkpoint
     (stale_dir / "inner").mkdir(parents=True)
+    young = _partial_of(checkpoint, socket.gethostname(), _dead_pid())
+    young.write_bytes(b"maybe a writer in a container, at work")
+    an_hour_ago = time.time() - STALE_PARTIAL_SECONDS - 1
+    for path in (stale_file, stale_dir):
+        os.utime(path, (an_hour_ago, an_hour_ago))
 
     checkpoint.write(lambda path: path.write_bytes(b"new"))
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.weights.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.weights.h5", young.name])
     assert checkpoint.path.read_bytes() == b"new"
 
 
