@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -96,20 +97,23 @@ class SchedulerProgress:
     (The percentage goes by law's ``publish_progress`` at every step.) The line comes first,
     before the messages the task published (law's message cache), and is sent
     at most every ``interval`` seconds, and at once when a new checkpoint was committed:
-    with a central scheduler each message is an HTTP request. Without a scheduler to
-    talk to (luigi sets ``set_status_message`` only while a worker runs the task) it does
-    nothing. ``newest()`` gives the newest committed checkpoint (a store ``Checkpoint``,
-    or None); ``evictions()`` the evictions before this run, asked once, at the first update.
+    with a central scheduler each message is an HTTP request (with the local scheduler, an
+    in-process call). A task that no luigi worker runs has no ``set_status_message``: then
+    it does nothing. ``newest()`` gives the newest committed checkpoint (a store
+    ``Checkpoint``, or None); ``evictions()`` the evictions before this run, asked once, in
+    a thread of its own, at the first update.
     """
 
     def __init__(self, task, total_steps: int | None, newest: Callable[[], Any] = lambda: None,
-                 evictions: Callable[[], int] = lambda: 0, interval: float = 10.0):
+                 evictions: Callable[[], int] = lambda: 0, interval: float = 10.0, count_wait: float = 0.5):
         self.task = task
         self.total_steps = total_steps
         self.newest = newest
         self.evictions = evictions
         self.interval = interval
+        self.count_wait = count_wait  # seconds the first message waits for the eviction count
         self._evictions: int | None = None
+        self._counter: threading.Thread | None = None
         self._sent_at: float | None = None
         self._sent_checkpoint: int | None = None
         self.last_message: str | None = None
@@ -128,14 +132,25 @@ class SchedulerProgress:
             created = _unix(getattr(newest, "created", None))
             age = "" if created is None else f", {_duration(max(0.0, now - created))} ago"
             parts.append(f"newest checkpoint: step {newest.step}{age}")
-        if self._evictions is None:
-            try:
-                self._evictions = int(self.evictions())
-            except Exception as error:  # informative only: never stop a training over it
-                logger.debug("evictions unknown: %s", error)
-                self._evictions = 0
-        parts.append(f"evictions: {self._evictions}")
+        parts.append(f"evictions: {self._past_evictions()}")
         return "; ".join(parts)
+
+    def _past_evictions(self) -> int | str:
+        """The count, from a listing of the store in a thread of its own: a slow or
+        unreachable store must not hold up the training loop ("counting" until it answers)."""
+        if self._counter is None:
+            self._counter = threading.Thread(target=self._count_evictions, name="ckpt-tasks-evictions",
+                                             daemon=True)
+            self._counter.start()
+            self._counter.join(timeout=self.count_wait)  # a store that answers at once: the count now
+        return "counting" if self._evictions is None else self._evictions
+
+    def _count_evictions(self) -> None:
+        try:
+            self._evictions = int(self.evictions())
+        except Exception as error:  # informative only: never stop a training over it
+            logger.debug("evictions unknown: %s", error)
+            self._evictions = 0
 
     def update(self, step: int, force: bool = False) -> bool:
         """Send the progress of ``step`` when due; True when it was sent."""

@@ -171,3 +171,28 @@ def assert_not_blank_png(path: Path) -> None:
         assert image.width >= 800 and image.height >= 600, image.size
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, f"{path} looks blank ({len(colours or [])} colours)"
+
+
+def test_a_slow_store_does_not_hold_up_the_first_status_line():
+    import threading
+
+    class Task:
+        def __init__(self):
+            self.sent = []
+            self.set_status_message = self.sent.append
+
+    answer = threading.Event()
+
+    def slow_listing() -> int:  # a store that answers only when the test lets it
+        answer.wait(30)
+        return 3
+
+    task = Task()
+    progress = SchedulerProgress(task, 10, evictions=slow_listing, interval=0, count_wait=0.05)
+    started = time.monotonic()
+    assert progress.update(1)
+    assert time.monotonic() - started < 5
+    assert task.sent[-1].endswith("evictions: counting"), task.sent
+    answer.set()
+    progress._counter.join(10)
+    assert progress.update(2, force=True) and task.sent[-1].endswith("evictions: 3"), task.sent
