@@ -92,14 +92,9 @@ class StopAgreement:
             return NOTHING
         import torch.distributed as dist
 
-        decision = NOTHING
-        if self._pending is not None:
-            work, flags = self._pending
-            self._pending = None
-            work.wait()
-            decision = self._decision(flags, step)
-            if decision.stop:
-                return decision
+        decision = self._settle_pending(step)
+        if decision.stop:
+            return decision
         flags = self._buffers[0]
         self._buffers.reverse()
         flags[0], flags[1] = int(self.requested), int(save_due)
@@ -108,6 +103,15 @@ class StopAgreement:
             return self._decision(flags, step)
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
         return decision
+
+    def _settle_pending(self, step: int) -> Decision:
+        """The decision of the overlapped collective still in flight (NOTHING: none)."""
+        if self._pending is None:
+            return NOTHING
+        work, flags = self._pending
+        self._pending = None
+        work.wait()
+        return self._decision(flags, step)
 
     @staticmethod
     def _decision(flags: Any, step: int) -> Decision:
@@ -126,12 +130,7 @@ class StopAgreement:
         """
         import torch.distributed as dist
 
-        decision = NOTHING
-        if self._pending is not None:
-            work, flags = self._pending
-            self._pending = None
-            work.wait()
-            decision = self._decision(flags, step)
+        decision = self._settle_pending(step)
         flags = self._buffers[0]
         flags[0], flags[1] = int(self.requested), 0
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
