@@ -3,7 +3,9 @@ leaves with EXIT_CREDENTIAL_REFUSED and says what to renew; a good one trains.""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -168,5 +170,29 @@ def test_the_shared_route_names_the_submitter_s_files_and_never_a_token_itself(t
     assert "x509userproxy" not in submit and "use_oauth_services" not in submit
     monkeypatch.setenv("BEARER_TOKEN", token.read_text())  # the client's first choice: the token itself
     submit, _, _ = render_job_files("store", "--credentials", "shared")
-    assert token.read_text() not in submit and "BEARER_TOKEN_FILE" not in submit
+    # never the token itself; the file beside it is what the jobs can read
+    assert token.read_text() not in submit and f"BEARER_TOKEN_FILE={token}" in submit, submit
     assert f"X509_USER_PROXY={proxy}" in submit
+
+
+def test_the_shared_route_warns_when_the_jobs_get_no_token_and_keeps_a_renewed_link(
+        tmp_path, monkeypatch, caplog, test_pki, people, token_issuer):
+    from test_htcondor_workflow import render_job_files
+
+    monkeypatch.setenv("CKPT_TASKS_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime-dir"))
+    monkeypatch.delenv("BEARER_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("BEARER_TOKEN", token_issuer.token("storage.read:/alice"))
+    # renewals re-point a link: the jobs must be given the link, not today's target
+    today = test_pki.proxy(people["alice"], tmp_path / "proxy.v1")
+    link = tmp_path / "x509up"
+    link.symlink_to(today.name)
+    monkeypatch.setenv("X509_USER_PROXY", str(link))
+    with caplog.at_level("WARNING", logger="ckpt_tasks"):
+        submit, _, _ = render_job_files("store", "--credentials", "shared")
+    assert f"X509_USER_PROXY={link}" in submit and "proxy.v1" not in submit, submit
+    if not Path(f"/tmp/bt_u{os.getuid()}").exists():  # the client's last place to look
+        assert "BEARER_TOKEN_FILE" not in submit
+        assert "the jobs get no token" in caplog.text
+    proxy_route, _, _ = render_job_files("store", "--credentials", "proxy")
+    assert f"x509userproxy = {link}" in proxy_route or f"x509userproxy={link}" in proxy_route, proxy_route

@@ -1,6 +1,6 @@
 """The credentials of an HTCondor workflow's jobs: how they travel, and the check before submitting.
 
-Two routes (``--credentials``, default ``[ckpt_tasks_htcondor] credentials`` in law.cfg):
+Three routes (``--credentials``, default ``[ckpt_tasks_htcondor] credentials`` in law.cfg):
 
 ``proxy`` (the default)
     The submitter's X.509 proxy, found where the XRootD client finds it, goes with every job
@@ -56,8 +56,9 @@ def submitter_proxy(environ: Mapping[str, str] | None = None) -> str | None:
     except CredentialError as error:
         logger.warning("no x509userproxy for the jobs: %s", error)
         return None
-    # absolute: HTCondor reads a relative path from the job's initialdir, not from here
-    return str(proxy.path.resolve()) if proxy is not None else None
+    # absolute: HTCondor reads a relative path from the job's initialdir, not from here; no
+    # symlink resolved: a renewal that re-points the link must still reach the jobs
+    return os.path.abspath(proxy.path) if proxy is not None else None
 
 
 def submit_commands(route: str, service: str, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
@@ -80,21 +81,45 @@ def _shared_files(environ: Mapping[str, str] | None) -> list[tuple[str, str]]:
         except CredentialError as error:
             logger.warning("no %s for the jobs: %s", name, error)
             continue
-        if found is None or found.path is None:
-            continue  # nothing, or a token in $BEARER_TOKEN itself: never into a submit file
-        path = str(found.path.resolve())
+        if found is not None and found.path is None:
+            found = _token_file_besides_variable(environ)
+        if found is None:
+            continue
+        path = os.path.abspath(found.path)  # a link that renewals re-point stays the link
         if any(c.isspace() or c in "\"'" for c in path):
             raise ValueError(f"--credentials shared: the path {path!r} cannot go into a submit file's environment")
         variables.append(f"{name}={path}")
     return [("environment", f'"{" ".join(variables)}"')] if variables else []
 
 
+def _token_file_besides_variable(environ: Mapping[str, str] | None):
+    """The token file the jobs can read when ``$BEARER_TOKEN`` holds a token itself, which never
+    goes into a submit file; None (with a warning) when there is none."""
+    environ = dict(os.environ if environ is None else environ)
+    environ.pop("BEARER_TOKEN", None)
+    try:
+        found = find_token(environ)
+    except CredentialError:
+        found = None
+    if found is None or found.path is None:
+        logger.warning("--credentials shared: the jobs get no token: $BEARER_TOKEN holds the token itself, "
+                       "which never goes into a submit file; give them a file ($BEARER_TOKEN_FILE)")
+        return None
+    return found
+
+
 def render_variables(route: str, service: str, min_lifetime: float | None) -> dict[str, str]:
     """What job.sh gets rendered in: the token file's service name (empty on the proxy route)
     and the least lifetime the job's own preflight asks of a credential (empty: its default)."""
     return {"ckpt_token_service": service if route == "token" else "",
-            "ckpt_credential_min_lifetime": "" if min_lifetime is None else f"{min_lifetime:g}",
+            "ckpt_credential_min_lifetime": "" if min_lifetime is None else _exact_seconds(min_lifetime),
             "ckpt_min_lifetime_variable": MIN_LIFETIME_VARIABLE}
+
+
+def _exact_seconds(value: float) -> str:
+    """``value`` for the job's environment, without rounding (``:g`` would cut 1234565 to 1.23456e+06)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def expected_runtime(explicit: float, section: str) -> float | None:
