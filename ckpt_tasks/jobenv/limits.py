@@ -13,15 +13,16 @@ the job ad (seconds of run time unless said otherwise):
 
 The names read are configurable (``[ckpt_tasks] walltime_attributes`` in ``law.cfg``);
 the earliest limit wins. Its clock starts at the job's current start as the job ad
-says (``JobCurrentStartExecutingDate``, else ``JobCurrentStartDate``, else this
-process's start). The ad is written once per sandbox, and a job that exits with the
+says (the later of ``JobCurrentStartExecutingDate`` and ``JobCurrentStartDate``: at a
+start after a requeue the former is still the previous run's; else this process's
+start). The ad is written once per sandbox, and a job that exits with the
 checkpoint code is restarted in the same sandbox: after such restarts the ad's start
 is the sandbox's first, and the limit is counted conservatively from it. A limit that
 had already passed when this process started cannot be the live one (the job would
 have been ended); it is then counted from this process's start, with a warning.
-(In the test pool, HTCondor 23.9 did not enforce ``allowed_execute_duration`` at
-all: a 30 s run under a 20 s limit completed, so which start it counts from could
-not be measured there.)
+(In the test pool, HTCondor 23.9 holds a job with code 47 a few seconds after its
+``allowed_execute_duration``, counted from the start of execution; see
+tests/test_walltime_pool.py.)
 
 The time between SIGTERM and the hard kill is the job's ``JobMaxVacateTime``
 (``job_max_vacate_time``) or the machine's ``MachineMaxVacateTime``, whichever is
@@ -95,8 +96,10 @@ def read_site_limits(ad: JobAd | None, attributes: Sequence[str] = DEFAULT_WALLT
     if ad is None:
         return SiteLimits()
     process_start = process_start if process_start is not None else PROCESS_START
-    job_start = next((s for s in (_seconds(ad, name) for name in START_ATTRIBUTES) if s is not None),
-                     process_start)
+    # The newest of the start dates: at a start after a requeue, HTCondor (23.9) writes the
+    # new JobCurrentStartDate into the ad but the previous run's JobCurrentStartExecutingDate.
+    starts = [s for s in (_seconds(ad, name) for name in START_ATTRIBUTES) if s is not None]
+    job_start = max(starts) if starts else process_start
     limits = []
     for name in attributes:
         seconds = _seconds(ad, name)
