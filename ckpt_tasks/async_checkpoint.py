@@ -167,6 +167,9 @@ class TrainingStateCommitter:
         self.stop_deadline = stop_deadline
         self.background = BackgroundCommitter()
         self._snapshotter = Snapshotter()
+        #: what the final checkpoint's manifest records as its reason (a signal, unless the
+        #: task stops on its own: a checkpoint exit or the site's limit)
+        self.stop_reason = SaveReason.SIGNAL
 
     @property
     def busy(self) -> bool:
@@ -193,7 +196,7 @@ class TrainingStateCommitter:
             logger.error("the checkpoint in flight failed: %s", error)
             finished = True
         if finished and self.store_transfer.last_committed_step != self.state.step:
-            self._submit(SaveReason.SIGNAL)
+            self._submit(self.stop_reason)
             finished = self.background.wait(timeout=max(0.0, deadline - time.monotonic()))
         if not finished:
             logger.error("the final checkpoint of step %d was not committed within %.0f s; the newest "

@@ -11,10 +11,12 @@ From these records:
 - between two runs there is an **interruption**, classified as
   ``eviction`` (``NumJobStarts`` grew: HTCondor started the job again),
   ``checkpoint restart`` (same job start: exit 85 and restarted in place),
+  ``checkpoint exit`` or ``site limit`` (the run stopped on its own: its last
+  checkpoint's reason),
   ``resubmission`` (another HTCondor job), or ``restart`` (no job information);
 - **work lost** at an interruption is the time from the run's last committed
   checkpoint to when it stopped: 0 when that checkpoint was written on a
-  signal (``metadata["reason"] == "signal"``), else up to the job's
+  signal or when the run stopped on its own (``metadata["reason"]``), else up to the job's
   ``LastVacateTime`` when HTCondor recorded one, else up to the next run's
   start (an upper bound, labelled as such); converted to steps with the run's
   step rate;
@@ -46,6 +48,9 @@ from ckpt_tasks.policy import SaveReason
 from ckpt_tasks.storage.store import CheckpointStore, RetryPolicy
 
 logger = logging.getLogger(__name__)
+
+#: the interruptions after a run that stopped on its own (exit 85, requeued), by the reason of its last checkpoint
+_OWN_STOPS = {SaveReason.EXIT: "checkpoint exit", SaveReason.SITE_LIMIT: "site limit"}
 
 
 @dataclass
@@ -272,8 +277,10 @@ def build_timeline(checkpoints, location: str = "") -> Timeline:
         else:
             kind = "restart"
         last = previous.points[-1]
+        if last.reason in _OWN_STOPS and kind in ("eviction", "checkpoint restart"):
+            kind = _OWN_STOPS[last.reason]  # the job stopped on its own and was requeued: no eviction
         vacate = run.points[0].last_vacate_time
-        if last.reason in (SaveReason.SIGNAL, SaveReason.FINAL):
+        if last.reason in (SaveReason.SIGNAL, SaveReason.FINAL, *_OWN_STOPS):
             stopped, basis = last.done, f"checkpoint at exit ({last.reason})"
         elif kind == "eviction" and vacate is not None and last.done <= vacate <= run.start:
             stopped, basis = vacate, "LastVacateTime"
@@ -339,7 +346,8 @@ def format_timeline(timeline: Timeline) -> str:
             loss = "" if point.loss is None else f"  loss {point.loss:.4g}"
             overhead = "" if point.overhead is None else f"  commit {point.overhead:.2f} s"
             note = "" if point.retained else "  (removed by retention)"
-            reason = {SaveReason.SIGNAL: "  (on signal)", SaveReason.FINAL: "  (at exit)"}.get(point.reason or "", "")
+            reason = {SaveReason.SIGNAL: "  (on signal)", SaveReason.FINAL: "  (at exit)", SaveReason.EXIT:
+                      "  (checkpoint exit)", SaveReason.SITE_LIMIT: "  (before the site's limit)"}.get(point.reason or "", "")
             lines.append(f"{_clock(point.done)}    checkpoint step {point.step}{loss}{overhead}{reason}{note}")
         interruption = interruptions.get(run.index)
         if interruption is not None:

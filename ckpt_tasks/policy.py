@@ -24,6 +24,7 @@ class SaveReason(str, enum.Enum):
     INTERVAL = "interval"  #: due by the save policy
     SIGNAL = "signal"      #: a stop: SIGTERM or SIGINT
     EXIT = "exit"          #: a voluntary checkpoint exit (``--checkpoint-exit-interval``)
+    SITE_LIMIT = "site limit"  #: a stop before the site's run-time limit (``--walltime-margin``)
     FINAL = "final"        #: the program ended (the watcher's last save)
     NEW_VERSION = "new version"  #: the watched program wrote a new complete file
 

@@ -106,9 +106,11 @@ class TaskCheckpointer(Checkpointer):
             elapsed = time.monotonic() - self._started
             if self.exit_interval and elapsed >= self.exit_interval:
                 logger.info("checkpoint exit after %.0f s", elapsed)
+                self.committer.stop_reason = SaveReason.EXIT
                 self.stop_guard.request(signal.SIGTERM)
             elif self._stop_at is not None and time.time() >= self._stop_at:
                 logger.info("checkpoint exit before the site's limit: %s", self.site_limits.describe())
+                self.committer.stop_reason = SaveReason.SITE_LIMIT
                 self.stop_guard.request(signal.SIGTERM)
         with credential_refusals_exit():
             super().step(value)

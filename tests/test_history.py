@@ -138,6 +138,20 @@ def test_trail_keeps_run_boundaries_when_thinned():
 
 # -- the timeline ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("reason, kind", [("site limit", "site limit"), ("exit", "checkpoint exit"),
+                                          ("signal", "eviction")])
+def test_a_run_that_stopped_itself_is_no_eviction(reason, kind):
+    # job 7.0 started twice; the first run's last checkpoint says why it stopped
+    rows = [(100, record("a", 11, T0, T0 + 100, 100, 1.0, njs=1), 2.0, reason),
+            (200, record("b", 22, T0 + 150, T0 + 250, 200, 0.5, njs=2), 2.0, None)]
+    timeline = history.build_timeline(checkpoints_of(rows), "loc")
+    (interruption,) = timeline.interruptions
+    assert interruption.kind == kind and interruption.lost_seconds == 0
+    assert len(timeline.evictions) == (kind == "eviction")
+    assert {"site limit": "(before the site's limit)", "exit": "(checkpoint exit)",
+            "signal": "(on signal)"}[reason] in history.format_timeline(timeline)
+
+
 def test_timeline_numbers():
     timeline = history.build_timeline(checkpoints_of(crafted()), "loc")
     assert [r.run_id for r in timeline.runs] == ["a", "b", "c", "d"]

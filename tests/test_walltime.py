@@ -26,8 +26,10 @@ def test_exit_85_before_the_site_limit_then_resume_bit_identically(tmp_path, mon
     assert re.search(r"site limits: MaxRuntime ends the job at .*vacate time 100 s", run.output), run.output[-3000:]
     assert elapsed < 40, f"ran {elapsed:.0f} s, past the site's limit"
     (location,) = tmp_path.glob("checkpoints/TrainTask/*/branch-0")
-    stopped_at = CheckpointStore(location).latest().step
+    newest = CheckpointStore(location).latest()
+    stopped_at = newest.step
     assert 0 < stopped_at < 135
+    assert newest.metadata["reason"] == "site limit", newest.metadata  # history tells it from an eviction
 
     monkeypatch.delenv("_CONDOR_JOB_AD")
     monkeypatch.delenv("_CONDOR_SCRATCH_DIR")

@@ -116,8 +116,10 @@ def test_allowed_execute_duration_is_never_reached(htcondor_pool, workdir, tmp_p
     timeline = build_timeline(CheckpointStore(str(location)).list())
     assert len(timeline.runs) == len(runs), timeline.runs
     for run, interruption in zip(timeline.runs, timeline.interruptions):
-        assert run.points[-1].reason == "signal", run.points[-1]
+        assert run.points[-1].reason == "site limit", run.points[-1]
         assert interruption.resumed_step == run.points[-1].step and interruption.lost_seconds == 0
+        assert interruption.kind == "site limit", interruption  # the job stopped itself: no eviction
+    assert timeline.evictions == []
 
     (model,) = workdir.glob("data/TrainTask/*/branch-0/model.pt")
     assert weights_digest(model) == local_reference(tmp_path, 0, *TRAIN[:4])
