@@ -1,8 +1,8 @@
 """Spool mode's SIGTERM save, held jobs and crash loops on the real HTCondor pool.
 
 The pool is the chroot of scripts/htcondor_pool.sh (see test_htcondor_workflow.py);
-holds are made on purpose with ``periodic_hold`` expressions, since this pool's
-HTCondor does not enforce the site limits themselves.
+holds are made on purpose with ``periodic_hold`` expressions, which give each test the
+hold it needs at the moment it needs it (the site limit itself: test_walltime_pool.py).
 """
 from __future__ import annotations
 
