@@ -95,12 +95,25 @@ def manifest_text(checkpoint: Checkpoint) -> str:
     return json.dumps({"version": version, **checkpoint.to_json()}, indent=2, sort_keys=True)
 
 
-def parts_at(directory: str, entries: list[dict]) -> tuple[StoredFile, ...]:
-    """The parts of a manifest, as stored files in ``directory`` with their offsets."""
-    parts, offset = [], 0
+def _data_stem(name: Any) -> str:
+    """The ``step-...-tag`` stem of a checkpoint's data file name; ValueError for anything
+    else (a manifest must never name a path outside its location, such as ``../x``)."""
+    match = DATA_RE.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"{name!r} is no checkpoint data file name")
+    return match["stem"]
+
+
+def parts_at(directory: str, entries: list[dict], stem: str | None = None) -> tuple[StoredFile, ...]:
+    """The parts of a manifest, as stored files in ``directory`` with their offsets; each
+    part's name must be a data file name of ``stem`` (the checkpoint's own), once."""
+    parts, offset, names = [], 0, set()
     for entry in entries:
         if set(entry) != {"name", "size", "adler32"}:
             raise ValueError(f"a part has the fields {sorted(entry)}")
+        if stem is not None and (_data_stem(entry["name"]) != stem or entry["name"] in names):
+            raise ValueError(f"part {entry['name']!r} is not a part of {stem} named once")
+        names.add(entry["name"])
         part = StoredFile(f"{directory}/{entry['name']}", int(entry["size"]), int(entry["adler32"], 16), offset)
         parts.append(part)
         offset += part.size
@@ -130,9 +143,10 @@ def checkpoint_of_fields(fields: dict, path_of: Callable[[str], str], where: str
         raise StorageError(f"manifest {where} has version {version}, written by a newer ckpt_tasks "
                            f"than this one (reads up to {MANIFEST_VERSION_PARTS}); upgrade", where)
     try:
+        stem = _data_stem(fields["name"])
         fields["path"] = path_of(fields["name"])  # the location may have been moved
         directory = fields["path"].rsplit("/", 1)[0]
-        fields["parts"] = parts_at(directory, fields.get("parts", ()))
+        fields["parts"] = parts_at(directory, fields.get("parts", ()), stem)
         return Checkpoint(**fields)
     except (TypeError, KeyError, AttributeError) as error:
         raise ValueError(str(error)) from error
