@@ -111,6 +111,25 @@ def test_a_corrupt_newest_sharded_checkpoint_is_skipped(tmp_path, caplog):
         store.verify(newest)
 
 
+def test_the_sharded_key_is_the_store_s_own_and_parts_are_distinct(tmp_path):
+    from ckpt_tasks.storage.sharded import ShardedCommit
+
+    store = CheckpointStore(tmp_path / "loc", part_size=100)
+    payload = tmp_path / "state.bin"
+    payload.write_bytes(b"x" * 250)
+    # a user's own "sharded" key would make restore read a plain checkpoint as a sharded one
+    with pytest.raises(ValueError, match="'sharded' is the store's own"):
+        store.save(payload, 1, metadata={"sharded": {"strategy": "fsdp"}})
+    commit = ShardedCommit(store, 2)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"a" * 100)
+    second.write_bytes(b"b" * 300)
+    shards = [commit.publish(1, first, "__0_0.distcp"), commit.publish(1, second, "__1_0.distcp")]
+    with pytest.raises(ValueError, match="distinct parts"):  # one part, overwritten: never committed
+        commit.commit(shards)
+    assert store.latest() is None
+
+
 def test_the_metadata_unpickler_calls_nothing_but_dcp_metadata(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -102,8 +102,9 @@ class ShardedCommit:
         format of the files (recorded in the manifest)."""
         shards = sorted(shards, key=lambda shard: shard.part.path)
         names = [shard.file for shard in shards]
-        if not shards or len(set(names)) != len(names):
-            raise ValueError(f"a sharded checkpoint needs distinct files, got {names}")
+        paths = [shard.part.path for shard in shards]
+        if not shards or len(set(names)) != len(names) or len(set(paths)) != len(paths):
+            raise ValueError(f"a sharded checkpoint needs distinct files in distinct parts, got {names} in {paths}")
         prefix = self.store._path(f"{self.stem}.ckpt.")
         if any(not shard.part.path.startswith(prefix) for shard in shards):
             raise ValueError(f"every shard must be a part of {self.stem}")

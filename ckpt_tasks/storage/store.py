@@ -56,7 +56,7 @@ from ckpt_tasks.storage.records import (LATEST, Checkpoint, StoredFile, check_st
 from ckpt_tasks.storage.registry import open_location
 from ckpt_tasks.storage.retention import RetentionPolicy, checkpoints_to_delete, policy_from
 from ckpt_tasks.storage.retry import RetryPolicy
-from ckpt_tasks.storage.sharded import fetch_sharded, is_sharded
+from ckpt_tasks.storage.sharded import SHARDED_KEY, fetch_sharded, is_sharded
 from ckpt_tasks.storage.staging import StagingFile
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,9 @@ class CheckpointStore:
 
     def _commit(self, source: StagingFile | Checkpoint, step: int, metadata: dict[str, Any] | None,
                 retention: bool) -> Checkpoint:
+        if isinstance(source, StagingFile) and SHARDED_KEY in (metadata or {}):
+            # restore would read such a checkpoint as the files of a sharded one
+            raise ValueError(f"the metadata key {SHARDED_KEY!r} is the store's own (sharded checkpoints)")
         stem = f"step-{step:012d}-{uuid.uuid4().hex[:8]}"
         with ThreadPoolExecutor(1, thread_name_prefix="ckpt-scan") as pool:
             # What the location holds is read while the data goes up: the retention set, the
