@@ -261,3 +261,17 @@ def test_a_sigkilled_rank_leaves_the_newest_sharded_checkpoint_complete_or_absen
     finish(ranks, tmp_path, "last")
     assert f"loaded {resumed_from}" in log(tmp_path, "last", 0)
     assert location.store().latest().step == resumed_from + 2
+
+
+def test_a_failed_direct_dcp_save_leaves_no_staging_directory(tmp_path):
+    from ckpt_tasks.distributed.dcp import StoreWriter
+
+    store = CheckpointStore(tmp_path / "loc")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    writer = StoreWriter(store, 3, staging_dir=str(staging))
+    # the location turned into a file: every upload fails, inside DCP's own call
+    (tmp_path / "loc").write_text("not a directory")
+    with pytest.raises(BaseException):  # DCP's CheckpointException is a BaseException
+        dcp.save({"weights": torch.ones(4)}, storage_writer=writer, no_dist=True)
+    assert list(staging.iterdir()) == []  # the writer was never closed, yet its staging is gone

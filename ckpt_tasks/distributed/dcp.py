@@ -40,6 +40,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -114,6 +115,7 @@ class StoreWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.close()
         self._local = Path(tempfile.mkdtemp(prefix=f"ckpt-dcp-{self.step}-", dir=self.staging_dir))
+        _remove_when_gone(self, self._local)
         # DCP's own writer makes the file into the staging directory; fsync is not needed there,
         # the storage checks what it holds before anything is committed.
         self._files = FileSystemWriter(self._local, single_file_per_rank=True, sync_files=False, thread_count=1)
@@ -132,20 +134,22 @@ class StoreWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's file locally and publish it as this rank's part (checked)."""
         assignment: _RankAssignment = plan.storage_data
-        results = self._files.write_data(dataclasses.replace(plan, storage_data=_StoragePrefix(assignment.prefix)),
-                                          planner).wait()
-        written = sorted({result.storage_data.relative_path for result in results})
-        if len(written) > 1:  # thread_count=1 and one file per rank: DCP writes one file
-            raise RuntimeError(f"a rank wrote {len(written)} DCP files, one was expected: {written}")
-        commit = ShardedCommit(self.store, self.step, stem=assignment.stem)
         try:
+            results = self._files.write_data(
+                dataclasses.replace(plan, storage_data=_StoragePrefix(assignment.prefix)), planner).wait()
+            written = sorted({result.storage_data.relative_path for result in results})
+            if len(written) > 1:  # thread_count=1 and one file per rank: DCP writes one file
+                raise RuntimeError(f"a rank wrote {len(written)} DCP files, one was expected: {written}")
+            commit = ShardedCommit(self.store, self.step, stem=assignment.stem)
             shards = {name: commit.publish(assignment.part, self._local / name, name) for name in written}
-        finally:
-            if self._is_coordinator:
-                for name in written:
-                    (self._local / name).unlink(missing_ok=True)
-            else:
-                self.close()  # this rank's part of the save is done
+        except BaseException:
+            self.close()  # the save failed here: finish() never comes
+            raise
+        if self._is_coordinator:
+            for name in written:
+                (self._local / name).unlink(missing_ok=True)
+        else:
+            self.close()  # this rank's part of the save is done
         published: Future[list[WriteResult]] = Future()
         published.set_result([dataclasses.replace(result, storage_data=_Published(
             result.storage_data, shards[result.storage_data.relative_path])) for result in results])
@@ -245,6 +249,7 @@ class StoreReader(StorageReader):
         if self._local is None:
             self._local = Path(tempfile.mkdtemp(prefix=f"ckpt-dcp-load-{self.checkpoint.step}-",
                                                 dir=self.staging_dir))
+            _remove_when_gone(self, self._local)
         return self._local
 
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -252,10 +257,21 @@ class StoreReader(StorageReader):
 
     def read_metadata(self, *args: Any) -> Metadata:
         # No **kwargs: DCP would then fall back to per-rank metadata files, which a store never has.
-        (path,) = fetch_shards(self.store, self.checkpoint, self._directory(), [_METADATA_FILE])
-        with open(path, "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
+        try:
+            (path,) = fetch_shards(self.store, self.checkpoint, self._directory(), [_METADATA_FILE])
+            with open(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+        except pickle.UnpicklingError:
+            self.close()
+            raise  # a forbidden class: refused, loudly
+        except Exception as error:  # its checksum matched, yet it is no DCP metadata: a bad writer
+            self.close()
+            if isinstance(error, CkptTasksError):
+                raise
+            raise VerificationError(f"{_METADATA_FILE} of step {self.checkpoint.step} cannot be read: {error}",
+                                    self.checkpoint.path) from error
         if not isinstance(metadata, Metadata):
+            self.close()
             raise VerificationError(f"{_METADATA_FILE} of step {self.checkpoint.step} holds no DCP metadata",
                                     self.checkpoint.path)
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
@@ -294,12 +310,18 @@ class StoreReader(StorageReader):
 # -- the helpers ---------------------------------------------------------------------------
 
 
+def _remove_when_gone(owner: Any, directory: Path) -> None:
+    """Remove ``directory`` when ``owner`` is collected or the process ends: a writer or reader
+    that DCP called directly and that failed is never closed."""
+    weakref.finalize(owner, shutil.rmtree, str(directory), True)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 class ShardedCheckpointError(CkptTasksError):
-    """A sharded save or load failed on one or more ranks (every rank raises it)."""
+    """A sharded save or load failed on one or more ranks."""
 
 
 @contextlib.contextmanager
@@ -372,7 +394,9 @@ def load_sharded(state_dict: dict[str, Any], store: Any, step: int | None = None
 
     A collective. Rank 0 chooses and verifies the checkpoint (a corrupt newest one is
     skipped, as ``CheckpointStore.restore`` does) and tells the others; the world size
-    may differ from the one that saved it.
+    may differ from the one that saved it. When rank 0 cannot choose (none verifies, the
+    storage fails), rank 0 raises that error and the others a ShardedCheckpointError that
+    names it; an error inside DCP's load is a ShardedCheckpointError on every rank.
     """
     choice: Any = None
     failure: BaseException | None = None
@@ -385,7 +409,7 @@ def load_sharded(state_dict: dict[str, Any], store: Any, step: int | None = None
     if failure is not None:
         raise failure
     if isinstance(choice, str):
-        raise CkptTasksError(f"rank 0 could not choose a sharded checkpoint: {choice}")
+        raise ShardedCheckpointError(f"rank 0 could not choose a sharded checkpoint: {choice}")
     if choice is None:
         return None
     reader = StoreReader(store, choice, staging_dir=staging_dir)

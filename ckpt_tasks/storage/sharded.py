@@ -175,13 +175,20 @@ def fetch_sharded(store: "CheckpointStore", checkpoint: Checkpoint, dest: str | 
     try:
         partial.mkdir()
         fetch_shards(store, checkpoint, partial)
-        if dest.is_dir():
-            # Renamed aside first: dest is the old directory or the new one (or, for a moment,
-            # absent), never a mixture of the two.
+        if dest.exists() or dest.is_symlink():
+            # Renamed aside first: dest is the old checkpoint (a directory, or the file of a
+            # one-file restore) or the new one (or, for a moment, absent), never a mixture.
             old = Path(temporary_name(dest))
             dest.rename(old)
-            partial.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                partial.rename(dest)
+            except OSError:
+                old.rename(dest)  # the old one back, not a missing dest
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             partial.rename(dest)
     finally:
