@@ -93,6 +93,10 @@ def test_restore_gives_the_directory_of_dcp_files(tmp_path):
     assert equal(state, small_state(5, 5))
     assert cli_main(["restore", str(tmp_path / "store"), str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "__0_0.distcp").stat().st_size > 0
+    # where a one-file restore left its file, the directory takes its place
+    (tmp_path / "was-a-file").write_bytes(b"an older one-file checkpoint")
+    assert store.restore(tmp_path / "was-a-file").step == 5
+    assert sorted(os.listdir(tmp_path / "was-a-file")) == [".metadata", "__0_0.distcp"]
 
 
 def test_a_corrupt_newest_sharded_checkpoint_is_skipped(tmp_path, caplog):
