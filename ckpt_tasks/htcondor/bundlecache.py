@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_tasks.htcondor.bundle import BundleFile
+from ckpt_tasks.storage.checksum import adler32_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +84,22 @@ def store_name(bundle: BundleFile) -> str:
     return f"{stem}-{tag}.tar.gz"
 
 
+#: what a bundle store URL may hold: it is rendered into the job script, so no quote, ``$``,
+#: backtick, space or other character the shell would act on
+_STORE_URL_RE = re.compile(r"roots?://[A-Za-z0-9._~:/@%+=,-]+")
+
+
 def check_store_url(url: str) -> str:
     """``url`` as a bundle store: ``root://`` or ``roots://``, no query (credentials never go into
-    a job script), no trailing slash."""
+    a job script), no character the job script's shell would act on, no trailing slash."""
     if not url.startswith(("root://", "roots://")):
         raise ValueError(f"bundle_store must be a root:// or roots:// URL, not {url.split('?')[0]!r}")
     if "?" in url:
         raise ValueError("bundle_store must not carry a query string (credentials go through "
                          "x509userproxy or a token, never into the job script)")
+    if not _STORE_URL_RE.fullmatch(url):
+        raise ValueError(f"bundle_store {url!r}: only letters, digits and ._~:/@%+=,- may appear in it "
+                         "(it goes into the job script)")
     return url.rstrip("/")
 
 
@@ -103,8 +113,12 @@ def publish(bundle: BundleFile, store_url: str) -> str:
     name = store_name(bundle)
     found = store.exists(name, stat=True)
     if found and found.st_size == bundle.size:
-        logger.info("bundle %s is on the store already", name)
-        return name
+        # the server's checksum of its copy (cheap; XRootD reuses it while the file's mtime is
+        # unchanged): a copy changed there is uploaded again, not fetched and refused by every job
+        if store.checksum(name) == adler32_of_file(bundle.path)[1]:
+            logger.info("bundle %s is on the store already", name)
+            return name
+        logger.warning("bundle %s on the store differs from this one (its adler32); uploading it again", name)
     started = time.monotonic()
     partial = f".{name}.{os.getpid()}.partial"
     store.upload(bundle.path, partial)
