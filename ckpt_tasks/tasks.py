@@ -115,6 +115,14 @@ class TaskCheckpointer(Checkpointer):
         with credential_refusals_exit():
             super().step(value)
 
+    def _save(self, value: Any) -> None:
+        if self.stop_requested:
+            # A save due at the step where the stop is honoured is the stop's own: committed now,
+            # with the stop's reason, so the history never takes it for an interval save.
+            self._save_final(value)
+        else:
+            super()._save(value)
+
     def flush(self) -> None:
         """Wait for the commit in flight; raise its error, if it failed."""
         self.committer.wait()

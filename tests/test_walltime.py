@@ -36,3 +36,19 @@ def test_exit_85_before_the_site_limit_then_resume_bit_identically(tmp_path, mon
     resumed = run_to_end(tmp_path, *ARGS)
     assert f"resuming from step {stopped_at}" in resumed.output
     assert weights_digest(model_file(tmp_path, 0)) == uninterrupted
+
+
+def test_a_stop_at_a_step_whose_save_is_due_is_recorded_as_the_stop(tmp_path, monkeypatch):
+    # --checkpoint-every 1: every step's save is due, so the step at which the site's limit is
+    # met commits through its due save; that checkpoint must still say why the run stopped.
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    ad = sandbox / ".job.ad"
+    ad.write_text(f"ClusterId = 7\nProcId = 0\nJobCurrentStartDate = {time.time():.0f}\nMaxRuntime = 36\n")
+    monkeypatch.setenv("_CONDOR_JOB_AD", str(ad))
+    monkeypatch.setenv("_CONDOR_SCRATCH_DIR", str(sandbox))
+    run = LawRun(tmp_path, *ARGS, "--step-delay", "0.2", "--walltime-margin", "30", "--checkpoint-every", "1")
+    assert run.finish() == 85, run.output[-3000:]
+    (location,) = tmp_path.glob("checkpoints/TrainTask/*/branch-0")
+    newest = CheckpointStore(location).latest()
+    assert newest.metadata["reason"] == "site limit", newest.metadata
