@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -579,6 +580,120 @@ def test_the_worker_cache_keeps_recent_and_locked_environments(tmp_path, monkeyp
     assert "removed" in result.stdout and "env-0000000000000old" in result.stdout
 
 
+def test_a_job_using_an_entry_does_not_hold_up_the_next_job_that_unpacks_it(tmp_path, monkeypatch, env_bundle):
+    """A live job keeps its shared "in use" lock on the entry for its whole life; another job
+    that finds the entry incomplete unpacks under a lock of its own and does not wait for it."""
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    cache.mkdir(mode=0o700)
+    in_use = cache / f"env-{bundles['env'][2][:16]}.lock"
+    holder = subprocess.Popen(["flock", "-s", str(in_use), "sleep", "300"])  # job 1, still running
+    try:
+        wait_until(lambda: in_use.exists(), 10, "the lock holder")
+        started = time.monotonic()
+        result = subprocess.run(
+            ["bash", "-c", script, "job.sh", "workflows.train", "TrainTask", "", "", "1", "no", ""],
+            cwd=transferred(tmp_path / "job2", bundles["env"][0], bundles["code"][0]), capture_output=True,
+            text=True, timeout=240, env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(tmp_path / "job2"),
+                                         "CKPT_TASKS_WORKER_CACHE": str(cache)})
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    _, source = software_line(result)
+    assert source.startswith("unpacked into the worker cache"), source
+    assert elapsed < 120, elapsed  # the unpacking itself, not a wait of up to 30 minutes
+
+
+def fake_bin(tmp_path: Path, flock: str | None) -> str:
+    """A PATH like /usr/bin but whose ``flock`` is the shell script ``flock`` (None: no flock)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in Path("/usr/bin").iterdir():
+        if tool.name != "flock":
+            (bin_dir / tool.name).symlink_to(tool)
+    if flock is not None:
+        (bin_dir / "flock").write_text("#!/bin/bash\n" + flock)
+        (bin_dir / "flock").chmod(0o755)
+    return str(bin_dir)
+
+
+def test_a_lock_that_cannot_be_had_leaves_the_worker_cache_alone(tmp_path, monkeypatch, env_bundle):
+    # Test double: a flock whose exclusive lock times out (the real one would wait 30 minutes).
+    path = fake_bin(tmp_path, 'case "$1" in -x) exit 1 ;; *) exec /usr/bin/flock "$@" ;; esac\n')
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    other = cache / f".unpacking-{bundles['env'][2][:16]}-other1"  # another job, unpacking right now
+    (other / "env").mkdir(parents=True)
+    cache.chmod(0o700)
+    result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]), cache,
+                            PATH=path)
+    _, source = software_line(result)
+    assert source.startswith("sandbox (worker cache") and "not usable" in source, source
+    assert (tmp_path / "job" / "ckpt_software" / "env" / "bin" / "python").is_file()
+    assert (other / "env").is_dir()  # never removed unlocked
+    assert not (cache / f"env-{bundles['env'][2][:16]}").exists()
+
+
+def test_without_flock_the_worker_cache_is_neither_used_nor_pruned(tmp_path, monkeypatch, env_bundle, law_option):
+    law_option("worker_cache_keep", "1")
+    law_option("worker_cache_days", "1")
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    marker = cache / "env-0000000000000old" / ".ckpt_tasks-complete"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("x\n")
+    os.utime(marker, (marker.stat().st_mtime - 40 * 86400,) * 2)
+    cache.chmod(0o700)
+    result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]), cache,
+                            PATH=fake_bin(tmp_path, None))
+    _, source = software_line(result)
+    assert source.startswith("sandbox (worker cache"), source
+    assert sorted(p.name for p in cache.iterdir()) == ["env-0000000000000old"]
+    assert marker.is_file()
+
+
+def test_a_worker_cache_below_a_directory_others_may_write_is_not_used(tmp_path, monkeypatch, env_bundle):
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone could rename the cache away and put theirs there
+    result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]),
+                            shared / "cache")
+    _, source = software_line(result)
+    assert source.startswith("sandbox (worker cache") and "not usable" in source, source
+    # new directories on the way to the cache are this account's alone, whatever the umask
+    cache = tmp_path / "new" / "deep" / "cache"
+    result = subprocess.run(["bash", "-c", "umask 022; exec \"$@\"", "sh", "bash", "-c", script, "job.sh",
+                             "workflows.train", "TrainTask", "", "", "1", "no", ""],
+                            cwd=transferred(tmp_path / "job2", bundles["env"][0], bundles["code"][0]),
+                            capture_output=True, text=True, timeout=600,
+                            env={"PATH": "/usr/bin:/bin", "_CONDOR_SCRATCH_DIR": str(tmp_path / "job2"),
+                                 "CKPT_TASKS_WORKER_CACHE": str(cache)})
+    _, source = software_line(result)
+    assert source.startswith("unpacked into the worker cache"), source
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "new", tmp_path / "new" / "deep", cache)}
+    assert modes == {"new": 0o700, "deep": 0o700, "cache": 0o700}, modes
+
+
+def test_the_worker_cache_retention_counts_fractions_of_a_day(tmp_path, monkeypatch, env_bundle, law_option):
+    law_option("worker_cache_keep", "1")
+    law_option("worker_cache_days", "0.5")
+    script, bundles = bundle_job(tmp_path, monkeypatch)
+    cache = tmp_path / "worker-cache"
+    cache.mkdir(mode=0o700)
+    for name, hours in (("env-000000000013hours", 13), ("env-000000000011hours", 11)):
+        marker = cache / name / ".ckpt_tasks-complete"
+        marker.parent.mkdir()
+        marker.write_text("x\n")
+        os.utime(marker, (marker.stat().st_mtime - hours * 3600,) * 2)
+    result = run_bundle_job(script, transferred(tmp_path / "job", bundles["env"][0], bundles["code"][0]), cache)
+    software_line(result)
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert left == sorted(["env-000000000011hours", f"env-{bundles['env'][2][:16]}"]), left
+    assert "unused for 0.5 days" in result.stdout
+
+
 def test_the_submit_side_cache_keeps_the_last_used_and_the_recent_bundles(tmp_path):
     from ckpt_tasks.htcondor.bundlecache import Retention, prune
 
@@ -608,6 +723,11 @@ def test_bad_software_settings_are_refused_at_submission():
         software.Settings(bundle_store="root://host//bundles?authz=secret")
     with pytest.raises(ValueError, match="worker_cache"):
         software.Settings(worker_cache='/tmp/x"; rm -rf /')
+    for never_expanded in ("~/envs", "scratch/envs", "./envs"):
+        with pytest.raises(ValueError, match="not ~ nor a relative path"):
+            software.Settings(worker_cache=never_expanded)
+    assert software.Settings(worker_cache="${HOME}/envs").worker_cache == "${HOME}/envs"
+    assert software.Settings(worker_cache="/scratch/$USER/envs").worker_cache == "/scratch/$USER/envs"
     assert software.Settings(bundle_store="root://host//b/").bundle_store == "root://host//b"
 
 

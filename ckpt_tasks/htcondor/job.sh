@@ -85,66 +85,93 @@ set +u; eval "worker_cache=\"{{ckpt_worker_cache}}\""; set -u
 worker_cache="${worker_cache:-${CKPT_TASKS_WORKER_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/ckpt_tasks/envs}}"
 readonly cache_marker=".ckpt_tasks-complete"
 
-# usable_cache DIR: DIR exists (made if missing), is this account's, and no other may write it
-# (a tree someone else could change must never run).
-usable_cache() {
-    mkdir -p -m 700 "$1" 2>/dev/null || return 1
-    [ -O "$1" ] && [ -w "$1" ] && [ -z "$(find "$1" -maxdepth 0 -perm /022)" ]
+# have_flock: the worker has flock. Without it no lock keeps a tree in use from being
+# replaced or pruned by another job, so the worker cache is not used at all (sandbox).
+have_flock() { command -v flock >/dev/null 2>&1; }
+
+# safe_chain DIR: DIR and every directory above it up to / are root's or this account's, and
+# none may be written by group or others unless sticky (as /tmp): else another account could
+# rename a directory on the way and put a tree of its own in the cache's place.
+safe_chain() {
+    local dir="$1" me owner mode
+    me="$(id -u)" || return 1
+    while :; do
+        read -r owner mode < <(stat -L -c '%u %a' "${dir}" 2>/dev/null) || return 1
+        { [ "${owner}" = 0 ] || [ "${owner}" = "${me}" ]; } || return 1
+        if (( 8#${mode} & 8#022 )) && ! (( 8#${mode} & 8#1000 )); then return 1; fi
+        [ "${dir}" = / ] && return 0
+        dir="$(dirname "${dir}")"
+    done
 }
 
-# lock FLOCK-ARGS...: flock where the worker has it; without it the rename below still keeps
-# a half-unpacked tree out of use (two jobs may then unpack the same bundle twice).
-lock() { command -v flock >/dev/null 2>&1 || return 0; flock "$@"; }
+# usable_cache DIR: DIR exists (made if missing, with every new directory on the way 700), is
+# this account's, and no other may write it nor any directory above it (a tree someone else
+# could change must never run).
+usable_cache() {
+    have_flock || return 1
+    case "$1" in /*) ;; *) return 1 ;; esac  # a relative path would depend on the sandbox
+    ( umask 077 && mkdir -p "$1" ) 2>/dev/null || return 1
+    [ -O "$1" ] && [ -w "$1" ] && [ -z "$(find "$1" -maxdepth 0 -perm /022)" ] || return 1
+    # the path as given (symlinks in it included) and the directories it resolves to
+    safe_chain "$1" && safe_chain "$(readlink -f "$1")"
+}
 
 complete_entry() { [ "$(cat "$1/${cache_marker}" 2>/dev/null)" = "$2" ]; }
 
 # env_from_cache FILE SIZE SHA256: sets env_dir to the worker cache's tree of that bundle,
 # unpacked there first when missing (once per worker: the first job unpacks under an
-# exclusive lock, the others wait and use its tree); returns 1 when the cache is unusable.
+# exclusive lock, the others wait and use its tree); returns 1 when the cache is unusable,
+# a lock included (the caller then unpacks into the sandbox: the cache is never changed unlocked).
 env_from_cache() {
     local file="$1" size="$2" sha="$3" entry="${worker_cache}/env-${3:0:16}" tmp
     usable_cache "${worker_cache}" || return 1
-    # fd 8 stays open for the job's life with a shared lock: no retention removes a tree in use.
+    # fd 8 ("in use"): a shared lock for the job's life, so that no retention removes a tree
+    # in use. Never made exclusive: a job unpacking would wait for every job using the entry.
     exec 8>>"${entry}.lock" || return 1
-    lock -s -w 1800 8
+    flock -s -w 1800 8 || return 1
     if ! complete_entry "${entry}" "${sha}"; then
-        lock -x -w 1800 8
+        # fd 7: unpacking, exclusive, on a file of its own; held only while unpacking.
+        exec 7>>"${entry}.unpack.lock" || return 1
+        flock -x -w 1800 7 || { exec 7>&-; return 1; }
         if ! complete_entry "${entry}" "${sha}"; then
             fetch_bundle "${file}"
             check_bundle "${file}" "${size}" "${sha}"
             # whatever a killed job left half unpacked is never used: under the lock, remove it
             rm -rf "${worker_cache}/.unpacking-${sha:0:16}-"* "${entry}"
-            tmp="$(mktemp -d "${worker_cache}/.unpacking-${sha:0:16}-XXXXXX")" || return 1
+            tmp="$(mktemp -d "${worker_cache}/.unpacking-${sha:0:16}-XXXXXX")" || { exec 7>&-; return 1; }
             if ! tar -xzf "${file}" -C "${tmp}" || [ ! -x "${tmp}/env/bin/python" ]; then
                 rm -rf "${tmp}"
+                exec 7>&-
                 return 1  # the cache's disk, most likely: unpack in the sandbox instead
             fi
             echo "${sha}" > "${tmp}/env/${cache_marker}"
-            mv -T "${tmp}/env" "${entry}" && rmdir "${tmp}" || return 1
+            mv -T "${tmp}/env" "${entry}" && rmdir "${tmp}" || { exec 7>&-; return 1; }
             env_source="unpacked into the worker cache ${worker_cache}"
         fi
-        lock -s -w 1800 8
+        exec 7>&-
     fi
     touch "${entry}/${cache_marker}"  # its last use, for the retention
     rm -f "${file}"
     env_dir="${entry}"
 }
 
-# prune_worker_cache KEEP DAYS: entries other than ours that are neither among the KEEP last
-# used nor used within DAYS days go, each only while no job holds its lock.
+# prune_worker_cache KEEP MINUTES DAYS: entries other than ours that are neither among the
+# KEEP last used nor used within MINUTES (DAYS, for the log) go, each only while no job holds
+# its "in use" lock. Never without flock: nothing would tell a tree in use.
 prune_worker_cache() {
+    have_flock || return 0
     local n=0 entry
     find "${worker_cache}" -mindepth 2 -maxdepth 2 -name "${cache_marker}" -printf '%T@ %h\n' 2>/dev/null |
         sort -rn | cut -d' ' -f2- | while read -r entry; do
             n=$((n + 1))
             [ "${entry}" = "${env_dir}" ] && continue
             [ "${n}" -le "$1" ] && continue
-            [ -n "$(find "${entry}/${cache_marker}" -mtime "+$2")" ] || continue
+            [ -n "$(find "${entry}/${cache_marker}" -mmin "+$2")" ] || continue
             (
-                lock -x -n 9 || exit 0
+                flock -x -n 9 || exit 0
                 # the lock file stays: a job waiting on it must lock the same file as the next one
                 rm -f "${entry}/${cache_marker}" && rm -rf "${entry}"
-                echo "ckpt_tasks job: removed ${entry} from the worker cache (unused for $2 days)"
+                echo "ckpt_tasks job: removed ${entry} from the worker cache (unused for $3 days)"
             ) 9>>"${entry}.lock"
         done
 }
@@ -181,7 +208,7 @@ case "${software}" in
         echo "ckpt_tasks job: software (${software}) checked and unpacked in" \
              "$(echo "$(date +%s.%N) - ${started}" | awk '{printf "%.1f", $1 - $3}') s; environment: ${env_source}"
         if [ "${software}" = bundle ] && [ "${env_dir}" != "${sandbox}/ckpt_software/env" ]; then
-            prune_worker_cache "{{ckpt_worker_cache_keep}}" "{{ckpt_worker_cache_days}}"
+            prune_worker_cache "{{ckpt_worker_cache_keep}}" "{{ckpt_worker_cache_minutes}}" "{{ckpt_worker_cache_days}}"
         fi
         ;;
     *)

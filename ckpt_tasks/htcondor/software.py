@@ -83,6 +83,10 @@ class Settings:
         if not _WORKER_CACHE_RE.match(self.worker_cache):
             raise ValueError(f"worker_cache {self.worker_cache!r}: only a path with $VAR or ${{VAR}} "
                              "(no quotes, spaces or other shell syntax)")
+        if self.worker_cache and not self.worker_cache.startswith(("/", "$")):
+            # the job expands $VARs only: ~ and a relative path would name a directory in the sandbox
+            raise ValueError(f"worker_cache {self.worker_cache!r}: an absolute path or one that starts "
+                             "with $VAR (like $HOME/...), not ~ nor a relative path")
 
 
 def _raw_option(section: str, option: str) -> str:
@@ -202,7 +206,9 @@ def configure_job(config, workflow, branches, *, route: str, root: str, containe
     render["ckpt_bundle_store"] = settings.bundle_store if route != "shared" else ""
     render["ckpt_worker_cache"] = settings.worker_cache
     render["ckpt_worker_cache_keep"] = str(settings.worker_retention.keep)
-    render["ckpt_worker_cache_days"] = str(int(settings.worker_retention.days))
+    # find -mtime +N would mean N+1 days (whole days, rounded down): whole minutes instead
+    render["ckpt_worker_cache_minutes"] = str(round(settings.worker_retention.days * 1440))
+    render["ckpt_worker_cache_days"] = f"{settings.worker_retention.days:g}"
     if route == "shared":
         render["ckpt_tasks_root"] = root
         render["ckpt_tasks_data"] = data_dir
