@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 #: a temporary path this old (seconds since its last change) of a dead writer is removed
 STALE_PARTIAL_SECONDS = 3600
 
+#: seconds between two looks for them beside one checkpoint: recover() runs at every save,
+#: a listing of the checkpoint's directory need not
+_SWEEP_INTERVAL = 60.0
+_last_sweep: dict[Path, float] = {}  # checkpoint path -> time.monotonic() of its last look
+
 # What partial() puts between the prefix and the suffix: host, process id, a random tag.
 _PARTIAL_TAG = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 
@@ -117,7 +122,10 @@ class LocalCheckpointPath:
 
     def recover(self) -> None:
         """Undo what a crash in the middle of a swap or an in-place write left behind."""
-        self.remove_stale_partials()
+        now = time.monotonic()
+        if now - _last_sweep.get(self.path, -_SWEEP_INTERVAL) >= _SWEEP_INTERVAL:
+            _last_sweep[self.path] = now
+            self.remove_stale_partials()
         if self._before_write.exists() or self._before_write.is_symlink():
             logger.warning("%s may be torn (a write was interrupted); the checkpoint before it is put back",
                            self.path)
