@@ -258,20 +258,22 @@ class StoreReader(StorageReader):
     def read_metadata(self, *args: Any) -> Metadata:
         # No **kwargs: DCP would then fall back to per-rank metadata files, which a store never has.
         try:
-            (path,) = fetch_shards(self.store, self.checkpoint, self._directory(), [_METADATA_FILE])
+            return self._fetch_metadata()
+        except BaseException:
+            self.close()  # DCP called directly never closes a reader whose load failed
+            raise
+
+    def _fetch_metadata(self) -> Metadata:
+        (path,) = fetch_shards(self.store, self.checkpoint, self._directory(), [_METADATA_FILE])
+        try:
             with open(path, "rb") as stream:
                 metadata = _MetadataUnpickler(stream).load()
         except pickle.UnpicklingError:
-            self.close()
             raise  # a forbidden class: refused, loudly
         except Exception as error:  # its checksum matched, yet it is no DCP metadata: a bad writer
-            self.close()
-            if isinstance(error, CkptTasksError):
-                raise
             raise VerificationError(f"{_METADATA_FILE} of step {self.checkpoint.step} cannot be read: {error}",
                                     self.checkpoint.path) from error
         if not isinstance(metadata, Metadata):
-            self.close()
             raise VerificationError(f"{_METADATA_FILE} of step {self.checkpoint.step} holds no DCP metadata",
                                     self.checkpoint.path)
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
